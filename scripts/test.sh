@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command from the README: make sure PostgreSQL and RabbitMQ are up
+# (the integration tests run against the real ones), lint, build, test.
+#
+#   scripts/test.sh                 everything
+#   scripts/test.sh --test attach   extra arguments go to `cargo test`, before
+#                                   its `--` (a test-name filter works too)
+#   VOLUMED_LINT=0 scripts/test.sh  skip rustfmt and clippy
+set -euo pipefail
+
+# Run from the repository root whatever the caller's directory.
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "services"
+scripts/ensure-services.sh
+
+# Lints come first: they are cheaper than the tests and CI fails on them anyway.
+if [ "${VOLUMED_LINT:-1}" != 0 ]; then
+    step "cargo fmt --check"
+    cargo fmt --check
+    step "cargo clippy"
+    cargo clippy --all-targets -- -D warnings
+fi
+
+step "cargo build"
+cargo build --all-targets
+
+# Each integration test owns its database, queues and NBD port, so tests can
+# run side by side; four at a time keeps the number of live databases, broker
+# connections and NBD servers bounded on small CI machines.
+step "cargo test"
+cargo test --all-targets "$@" -- --test-threads=4

@@ -1,0 +1,288 @@
+//! The local backend: volumes are sparse files under `<data dir>/volumes`,
+//! and attaching one to the appliance VM makes `<device dir>/virtio-<serial>`
+//! appear, as the hypervisor and udev would. Attaching to another VM only
+//! records the attachment.
+//!
+//! State lives next to each image (`<id>.attachment`, written atomically),
+//! so it survives a daemon crash exactly like a cloud's would. Every call
+//! that changes something is appended to `<data dir>/backend-calls.log`,
+//! which tests read to prove that no side effect happened twice.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{by_id_name, Backend, BackendError, VolumeState};
+
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    data_dir: PathBuf,
+    device_dir: PathBuf,
+    appliance_vm: Uuid,
+    /// Added before each change, to imitate a slow cloud in tests and
+    /// benchmarks.
+    latency: Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AttachmentFile {
+    vm_id: Uuid,
+}
+
+impl LocalBackend {
+    pub fn new(data_dir: &Path, device_dir: &Path, appliance_vm: Uuid, latency: Duration) -> Self {
+        LocalBackend {
+            data_dir: data_dir.to_owned(),
+            device_dir: device_dir.to_owned(),
+            appliance_vm,
+            latency,
+        }
+    }
+
+    fn volumes_dir(data_dir: &Path) -> PathBuf {
+        data_dir.join("volumes")
+    }
+
+    pub fn image_path(data_dir: &Path, id: Uuid) -> PathBuf {
+        Self::volumes_dir(data_dir).join(format!("{id}.img"))
+    }
+
+    fn attachment_path(data_dir: &Path, id: Uuid) -> PathBuf {
+        Self::volumes_dir(data_dir).join(format!("{id}.attachment"))
+    }
+
+    pub fn call_log_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("backend-calls.log")
+    }
+
+    /// Creates a sparse volume of `size` bytes and returns its id.
+    pub fn create_volume(data_dir: &Path, size: u64) -> std::io::Result<Uuid> {
+        std::fs::create_dir_all(Self::volumes_dir(data_dir))?;
+        let id = Uuid::new_v4();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(Self::image_path(data_dir, id))?;
+        f.set_len(size)?;
+        f.sync_all()?;
+        Ok(id)
+    }
+
+    /// Deletes a volume that is not attached.
+    pub fn delete_volume(data_dir: &Path, id: Uuid) -> anyhow::Result<()> {
+        let img = Self::image_path(data_dir, id);
+        if !img.exists() {
+            anyhow::bail!("volume {id} does not exist under {}", data_dir.display());
+        }
+        if let Some(a) = read_attachment(&Self::attachment_path(data_dir, id))? {
+            anyhow::bail!(
+                "volume {id} is attached to VM {}: detach it first",
+                a.vm_id
+            );
+        }
+        std::fs::remove_file(img)?;
+        Ok(())
+    }
+
+    fn link_path(&self, volume: Uuid) -> PathBuf {
+        self.device_dir.join(by_id_name(volume))
+    }
+
+    fn log_call(&self, what: &str, volume: Uuid, vm: Uuid) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Self::call_log_path(&self.data_dir))?;
+        // One write per line: O_APPEND keeps concurrent lines whole.
+        f.write_all(format!("{what} {volume} {vm}\n").as_bytes())
+    }
+
+    async fn pause(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
+    fn ensure_exists(&self, volume: Uuid) -> Result<(), BackendError> {
+        if Self::image_path(&self.data_dir, volume).exists() {
+            Ok(())
+        } else {
+            Err(BackendError::NotFound(volume))
+        }
+    }
+}
+
+fn read_attachment(p: &Path) -> std::io::Result<Option<AttachmentFile>> {
+    match std::fs::read(p) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `dest` atomically: write a temporary file, fsync, rename.
+fn write_atomic(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dest.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dest)
+}
+
+fn io(e: std::io::Error) -> BackendError {
+    BackendError::Transient(e.to_string())
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    async fn volume(&self, id: Uuid) -> Result<VolumeState, BackendError> {
+        self.ensure_exists(id)?;
+        let a = read_attachment(&Self::attachment_path(&self.data_dir, id)).map_err(io)?;
+        Ok(VolumeState {
+            id,
+            attached_to: a.map(|a| a.vm_id),
+        })
+    }
+
+    async fn attach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError> {
+        self.pause().await;
+        self.ensure_exists(volume)?;
+        let record = Self::attachment_path(&self.data_dir, volume);
+        if let Some(a) = read_attachment(&record).map_err(io)? {
+            return Err(BackendError::Permanent(format!(
+                "volume {volume} is already attached to VM {}",
+                a.vm_id
+            )));
+        }
+        let body = serde_json::to_vec(&AttachmentFile { vm_id: vm })
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+        write_atomic(&record, &body).map_err(io)?;
+        if vm == self.appliance_vm {
+            // The link is made under a temporary name and renamed, so a
+            // reader never sees a half-made link.
+            std::fs::create_dir_all(&self.device_dir).map_err(io)?;
+            let target = std::fs::canonicalize(Self::image_path(&self.data_dir, volume))
+                .map_err(io)?;
+            let link = self.link_path(volume);
+            let tmp = link.with_extension("new");
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp).map_err(io)?;
+            std::fs::rename(&tmp, &link).map_err(io)?;
+        }
+        self.log_call("attach", volume, vm).map_err(io)
+    }
+
+    async fn detach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError> {
+        self.pause().await;
+        self.ensure_exists(volume)?;
+        let record = Self::attachment_path(&self.data_dir, volume);
+        match read_attachment(&record).map_err(io)? {
+            Some(a) if a.vm_id == vm => {}
+            Some(a) => {
+                return Err(BackendError::Permanent(format!(
+                    "volume {volume} is attached to VM {}, not {vm}",
+                    a.vm_id
+                )))
+            }
+            None => {
+                return Err(BackendError::Permanent(format!(
+                    "volume {volume} is not attached"
+                )))
+            }
+        }
+        match std::fs::remove_file(self.link_path(volume)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::remove_file(&record).map_err(io)?;
+        self.log_call("detach", volume, vm).map_err(io)
+    }
+}
+
+/// Parses sizes such as `64MiB`, `1GiB`, `512k`, `1048576`.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size {s:?} must start with a number"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1000,
+        "mb" => 1000_000,
+        "gb" => 1000_000_000,
+        other => anyhow::bail!("unknown size unit {other:?} in {s:?}: use KiB, MiB, GiB or TiB"),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))?;
+    if bytes == 0 {
+        anyhow::bail!("size must be larger than zero");
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB").expect("ok"), 64 << 20);
+        assert_eq!(parse_size("1g").expect("ok"), 1 << 30);
+        assert_eq!(parse_size("4096").expect("ok"), 4096);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[tokio::test]
+    async fn attach_makes_the_link_and_detach_removes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let dev = dir.path().join("by-id");
+        let me = Uuid::new_v4();
+        let other = Uuid::new_v4();
+        let b = LocalBackend::new(&data, &dev, me, Duration::ZERO);
+        let vol = LocalBackend::create_volume(&data, 1 << 20).expect("create");
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, None);
+
+        b.attach(vol, me).await.expect("attach");
+        let link = dev.join(by_id_name(vol));
+        assert_eq!(
+            std::fs::canonicalize(&link).expect("link resolves"),
+            std::fs::canonicalize(LocalBackend::image_path(&data, vol)).expect("image")
+        );
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, Some(me));
+        assert!(matches!(b.attach(vol, other).await, Err(BackendError::Permanent(_))));
+        assert!(LocalBackend::delete_volume(&data, vol).is_err());
+
+        b.detach(vol, me).await.expect("detach");
+        assert!(!link.exists());
+
+        b.attach(vol, other).await.expect("failover attach");
+        assert!(!link.exists(), "no local device for another VM");
+        b.detach(vol, other).await.expect("detach");
+        LocalBackend::delete_volume(&data, vol).expect("delete");
+        assert!(matches!(b.volume(vol).await, Err(BackendError::NotFound(_))));
+
+        let log = std::fs::read_to_string(LocalBackend::call_log_path(&data)).expect("log");
+        assert_eq!(log.lines().count(), 4, "{log}");
+    }
+}

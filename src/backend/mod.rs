@@ -1,0 +1,73 @@
+//! Volume backends: who really attaches a volume to a VM. `local` (sparse
+//! files on this host, for a single host without a cloud) and, later,
+//! `cloudstack`. The worker reads a volume's state before acting, so every
+//! backend call it makes is one that changes something.
+
+pub mod local;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::contract::ErrorCode;
+
+/// What the backend says about one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeState {
+    pub id: Uuid,
+    pub attached_to: Option<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("volume {0} does not exist")]
+    NotFound(Uuid),
+    /// Failed, and trying again later may work.
+    #[error("backend unavailable: {0}")]
+    Transient(String),
+    /// Refused for good.
+    #[error("backend refused: {0}")]
+    Permanent(String),
+}
+
+impl BackendError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BackendError::NotFound(_) => ErrorCode::VolumeNotFound,
+            BackendError::Transient(_) => ErrorCode::BackendUnavailable,
+            BackendError::Permanent(_) => ErrorCode::BackendRejected,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    async fn volume(&self, id: Uuid) -> Result<VolumeState, BackendError>;
+    /// Attaches a volume that is not attached anywhere.
+    async fn attach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError>;
+    /// Detaches a volume from the VM it is attached to.
+    async fn detach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError>;
+}
+
+/// The virtio serial a KVM guest sees for a volume: its id without hyphens,
+/// truncated to 20 characters (the virtio-blk serial limit).
+pub fn virtio_serial(volume: Uuid) -> String {
+    let simple = volume.simple().to_string();
+    simple[..20].to_owned()
+}
+
+/// The by-id link name of a volume's device.
+pub fn by_id_name(volume: Uuid) -> String {
+    format!("virtio-{}", virtio_serial(volume))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_is_the_first_twenty_hex_digits() {
+        let id = Uuid::parse_str("0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3").expect("uuid");
+        assert_eq!(virtio_serial(id), "0a1b2c3d4e5f4a6b8c7d");
+        assert_eq!(by_id_name(id), "virtio-0a1b2c3d4e5f4a6b8c7d");
+    }
+}

@@ -1,0 +1,101 @@
+//! The command line: one file per command.
+
+mod config_check;
+mod events;
+mod migrate;
+mod request;
+mod run;
+mod topology;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "volumed", version, about = "Volume daemon for VM migrations into Apache CloudStack")]
+pub struct Cli {
+    /// Configuration file (TOML); `VOLUMED_*` environment settings override it.
+    #[arg(long, global = true, env = "VOLUMED_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: consume requests, do the work, publish events.
+    Run,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(config_check::ConfigCommand),
+    /// Manage volumes of the local backend.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Ask the daemon to attach a volume to a VM.
+    Attach(request::AttachArgs),
+    /// Ask the daemon to detach a volume.
+    Detach(request::DetachArgs),
+    /// Print completion events as they are published.
+    Events(events::EventsArgs),
+    /// Broker topology as code.
+    #[command(subcommand)]
+    Topology(topology::TopologyCommand),
+}
+
+impl Cli {
+    pub fn load_config(&self) -> Result<Config> {
+        Config::load(self.config.as_deref())
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn execute(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Run => run::run(&cli).await,
+        Command::Migrate => migrate::run(&cli).await,
+        Command::Config(c) => config_check::run(&cli, c),
+        Command::Volume(c) => volume::run(&cli, c),
+        Command::Attach(a) => request::attach(&cli, a).await,
+        Command::Detach(a) => request::detach(&cli, a).await,
+        Command::Events(a) => events::run(&cli, a).await,
+        Command::Topology(c) => topology::run(&cli, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_commands() {
+        for args in [
+            vec!["volumed", "run"],
+            vec!["volumed", "config", "check"],
+            vec!["volumed", "volume", "create", "--size", "64MiB"],
+            vec!["volumed", "volume", "delete", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"],
+            vec![
+                "volumed", "attach", "--volume", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", "--vm",
+                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", "--wait",
+            ],
+            vec!["volumed", "detach", "--volume", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"],
+            vec!["volumed", "events", "--json"],
+            vec!["volumed", "topology", "definitions", "--host", "oma-1"],
+        ] {
+            Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(Cli::try_parse_from(["volumed", "attach", "--volume", "x"]).is_err());
+    }
+}

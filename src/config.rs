@@ -1,0 +1,411 @@
+//! Typed configuration: a TOML file, then `VOLUMED_*` environment overrides,
+//! validated once at start-up.
+//!
+//! Every setting has the same name in both places: `host_id` in the file is
+//! `VOLUMED_HOST_ID` in the environment. URLs that may carry passwords are
+//! kept in [`SecretUrl`], whose `Debug` and `Display` mask the password.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// A URL whose password must never reach a log line or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretUrl(s.into())
+    }
+
+    /// The URL with its password, for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `****`.
+    pub fn masked(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    // Cannot fail: a URL that has a password can hold one.
+                    let _ = u.set_password(Some("****"));
+                }
+                u.to_string()
+            }
+            // An unparsable URL is shown as nothing at all: it might be a
+            // password pasted into the wrong setting.
+            Err(_) => "<unparsable URL hidden>".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Local,
+    CloudStack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host_id: String,
+    pub amqp_url: SecretUrl,
+    pub database_url: SecretUrl,
+    pub backend: BackendKind,
+    pub data_dir: PathBuf,
+    pub device_dir: PathBuf,
+    /// Required by `volumed run`; other commands work without it.
+    pub appliance_vm_id: Option<Uuid>,
+    pub workers: usize,
+    /// Unacknowledged deliveries per worker (the channel prefetch is
+    /// `workers × prefetch_per_worker`).
+    pub prefetch_per_worker: u16,
+    pub device_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub outbox_poll_interval: Duration,
+    pub delivery_limit: u32,
+    pub local_latency: Duration,
+    pub log_format: LogFormat,
+}
+
+/// The file form: every field optional, unknown keys refused so a typo is
+/// reported instead of silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host_id: Option<String>,
+    amqp_url: Option<String>,
+    database_url: Option<String>,
+    backend: Option<String>,
+    data_dir: Option<PathBuf>,
+    device_dir: Option<PathBuf>,
+    appliance_vm_id: Option<String>,
+    workers: Option<u64>,
+    prefetch_per_worker: Option<u64>,
+    device_timeout_secs: Option<u64>,
+    max_message_bytes: Option<u64>,
+    shutdown_timeout_secs: Option<u64>,
+    outbox_poll_ms: Option<u64>,
+    delivery_limit: Option<u64>,
+    local_latency_ms: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Where the file is looked for when neither `--config` nor
+/// `VOLUMED_CONFIG` names one; a missing default file is not an error.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/volumed/volumed.toml";
+
+/// The names of the environment settings, in the order `config check`
+/// prints them.
+pub const ENV_NAMES: &[&str] = &[
+    "VOLUMED_HOST_ID",
+    "VOLUMED_AMQP_URL",
+    "VOLUMED_DATABASE_URL",
+    "VOLUMED_BACKEND",
+    "VOLUMED_DATA_DIR",
+    "VOLUMED_DEVICE_DIR",
+    "VOLUMED_APPLIANCE_VM_ID",
+    "VOLUMED_WORKERS",
+    "VOLUMED_PREFETCH_PER_WORKER",
+    "VOLUMED_DEVICE_TIMEOUT_SECS",
+    "VOLUMED_MAX_MESSAGE_BYTES",
+    "VOLUMED_SHUTDOWN_TIMEOUT_SECS",
+    "VOLUMED_OUTBOX_POLL_MS",
+    "VOLUMED_DELIVERY_LIMIT",
+    "VOLUMED_LOCAL_LATENCY_MS",
+    "VOLUMED_LOG_FORMAT",
+];
+
+impl Config {
+    /// Loads the file (explicit path, else `VOLUMED_CONFIG`, else the default
+    /// path when it exists), then applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::load_with(path, &env)
+    }
+
+    /// Like [`Config::load`] with an injectable environment, for tests.
+    pub fn load_with(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let explicit = path
+            .map(Path::to_path_buf)
+            .or_else(|| env("VOLUMED_CONFIG").map(PathBuf::from));
+        let file = match explicit {
+            Some(p) => read_file(&p)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => FileConfig::default(),
+        };
+
+        let s = |name: &str, file: Option<String>| env(name).or(file);
+        let n = |name: &str, file: Option<u64>| -> Result<Option<u64>> {
+            match env(name) {
+                Some(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .map(Some)
+                    .with_context(|| format!("{name}={v:?} is not a non-negative integer")),
+                None => Ok(file),
+            }
+        };
+
+        let host_id = match s("VOLUMED_HOST_ID", file.host_id) {
+            Some(h) => h,
+            None => nix::unistd::gethostname()
+                .context("VOLUMED_HOST_ID is not set and the hostname cannot be read")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        validate_host_id(&host_id)?;
+
+        let backend = match s("VOLUMED_BACKEND", file.backend).as_deref() {
+            None | Some("local") => BackendKind::Local,
+            Some("cloudstack") => BackendKind::CloudStack,
+            Some(other) => {
+                bail!("VOLUMED_BACKEND={other:?} is not a backend: use \"local\" or \"cloudstack\"")
+            }
+        };
+        let appliance_vm_id = match s("VOLUMED_APPLIANCE_VM_ID", file.appliance_vm_id) {
+            None => None,
+            Some(v) => Some(crate::contract::parse_uuid(v.trim()).with_context(|| {
+                format!("VOLUMED_APPLIANCE_VM_ID={v:?} is not a hyphenated UUID")
+            })?),
+        };
+        let workers = n("VOLUMED_WORKERS", file.workers)?.unwrap_or(4);
+        if !(1..=256).contains(&workers) {
+            bail!("VOLUMED_WORKERS={workers} is out of range: 1 to 256");
+        }
+        let prefetch_per_worker =
+            n("VOLUMED_PREFETCH_PER_WORKER", file.prefetch_per_worker)?.unwrap_or(2);
+        if !(1..=64).contains(&prefetch_per_worker) {
+            bail!("VOLUMED_PREFETCH_PER_WORKER={prefetch_per_worker} is out of range: 1 to 64");
+        }
+        let delivery_limit = n("VOLUMED_DELIVERY_LIMIT", file.delivery_limit)?.unwrap_or(10);
+        if !(1..=1000).contains(&delivery_limit) {
+            bail!("VOLUMED_DELIVERY_LIMIT={delivery_limit} is out of range: 1 to 1000");
+        }
+        let max_message_bytes =
+            n("VOLUMED_MAX_MESSAGE_BYTES", file.max_message_bytes)?.unwrap_or(64 * 1024);
+        if !(256..=16 * 1024 * 1024).contains(&max_message_bytes) {
+            bail!("VOLUMED_MAX_MESSAGE_BYTES={max_message_bytes} is out of range: 256 to 16 MiB");
+        }
+        let secs = |name: &str, file: Option<u64>, default: u64| -> Result<Duration> {
+            Ok(Duration::from_secs(n(name, file)?.unwrap_or(default)))
+        };
+        let millis = |name: &str, file: Option<u64>, default: u64| -> Result<Duration> {
+            Ok(Duration::from_millis(n(name, file)?.unwrap_or(default)))
+        };
+        let log_format = match s("VOLUMED_LOG_FORMAT", file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("VOLUMED_LOG_FORMAT={other:?} is not a format: use text or json"),
+        };
+
+        let amqp_url = SecretUrl::new(
+            s("VOLUMED_AMQP_URL", file.amqp_url)
+                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        );
+        check_url(&amqp_url, "VOLUMED_AMQP_URL", &["amqp", "amqps"])?;
+        let database_url = SecretUrl::new(
+            s("VOLUMED_DATABASE_URL", file.database_url)
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/volumed".into()),
+        );
+        check_url(&database_url, "VOLUMED_DATABASE_URL", &["postgres", "postgresql"])?;
+
+        Ok(Config {
+            host_id,
+            amqp_url,
+            database_url,
+            backend,
+            data_dir: s("VOLUMED_DATA_DIR", None)
+                .map(PathBuf::from)
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/volumed")),
+            device_dir: s("VOLUMED_DEVICE_DIR", None)
+                .map(PathBuf::from)
+                .or(file.device_dir)
+                .unwrap_or_else(|| PathBuf::from("/dev/disk/by-id")),
+            appliance_vm_id,
+            workers: workers as usize,
+            prefetch_per_worker: prefetch_per_worker as u16,
+            device_timeout: secs("VOLUMED_DEVICE_TIMEOUT_SECS", file.device_timeout_secs, 30)?,
+            max_message_bytes: max_message_bytes as usize,
+            shutdown_timeout: secs("VOLUMED_SHUTDOWN_TIMEOUT_SECS", file.shutdown_timeout_secs, 30)?,
+            outbox_poll_interval: millis("VOLUMED_OUTBOX_POLL_MS", file.outbox_poll_ms, 1000)?
+                .max(Duration::from_millis(10)),
+            delivery_limit: delivery_limit as u32,
+            local_latency: millis("VOLUMED_LOCAL_LATENCY_MS", file.local_latency_ms, 0)?,
+            log_format,
+        })
+    }
+
+    /// The appliance VM id, which `run` cannot do without.
+    pub fn require_appliance_vm(&self) -> Result<Uuid> {
+        self.appliance_vm_id.context(
+            "VOLUMED_APPLIANCE_VM_ID is not set: volumed must know its own VM to tell \
+             local attaches from failover attaches",
+        )
+    }
+
+    /// The prefetch count for the request channel.
+    pub fn prefetch(&self) -> u16 {
+        (self.workers as u16).saturating_mul(self.prefetch_per_worker)
+    }
+
+    /// `config check` output: one `NAME = value` line per setting, secrets
+    /// masked.
+    pub fn render(&self) -> String {
+        let d = |d: Duration| d.as_millis().to_string();
+        let rows: Vec<(&str, String)> = vec![
+            ("VOLUMED_HOST_ID", self.host_id.clone()),
+            ("VOLUMED_AMQP_URL", self.amqp_url.masked()),
+            ("VOLUMED_DATABASE_URL", self.database_url.masked()),
+            ("VOLUMED_BACKEND", format!("{:?}", self.backend).to_lowercase()),
+            ("VOLUMED_DATA_DIR", self.data_dir.display().to_string()),
+            ("VOLUMED_DEVICE_DIR", self.device_dir.display().to_string()),
+            (
+                "VOLUMED_APPLIANCE_VM_ID",
+                self.appliance_vm_id
+                    .map(|u| u.to_string())
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
+            ("VOLUMED_WORKERS", self.workers.to_string()),
+            ("VOLUMED_PREFETCH_PER_WORKER", self.prefetch_per_worker.to_string()),
+            ("VOLUMED_DEVICE_TIMEOUT_SECS", self.device_timeout.as_secs().to_string()),
+            ("VOLUMED_MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
+            ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", self.shutdown_timeout.as_secs().to_string()),
+            ("VOLUMED_OUTBOX_POLL_MS", d(self.outbox_poll_interval)),
+            ("VOLUMED_DELIVERY_LIMIT", self.delivery_limit.to_string()),
+            ("VOLUMED_LOCAL_LATENCY_MS", d(self.local_latency)),
+            ("VOLUMED_LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
+        ];
+        rows.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+    }
+}
+
+fn read_file(p: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read the configuration file {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid configuration file {}", p.display()))
+}
+
+/// Host ids become queue names and routing keys: keep them to a safe set.
+pub fn validate_host_id(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        bail!("VOLUMED_HOST_ID={h:?} is invalid: use 1 to 64 characters from A-Z a-z 0-9 . _ -");
+    }
+    Ok(())
+}
+
+fn check_url(u: &SecretUrl, name: &str, schemes: &[&str]) -> Result<()> {
+    match url::Url::parse(u.expose()) {
+        Ok(parsed) if schemes.contains(&parsed.scheme()) => Ok(()),
+        Ok(parsed) => bail!(
+            "{name} has scheme {:?}; expected one of {schemes:?}",
+            parsed.scheme()
+        ),
+        // The parse error is safe to show; the URL itself is not.
+        Err(e) => bail!("{name} is not a valid URL: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut with_host = map.clone();
+        with_host
+            .entry("VOLUMED_HOST_ID".into())
+            .or_insert_with(|| "oma-1".into());
+        // Point at a missing explicit file only when a test asks for it.
+        Config::load_with(None, &move |k| with_host.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let c = load(&[]).expect("defaults load");
+        assert_eq!(c.backend, BackendKind::Local);
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.device_dir, PathBuf::from("/dev/disk/by-id"));
+        assert_eq!(c.prefetch(), 8);
+    }
+
+    #[test]
+    fn passwords_are_masked_everywhere() {
+        let c = load(&[
+            ("VOLUMED_AMQP_URL", "amqp://u:hunter2@mq:5672/%2f"),
+            ("VOLUMED_DATABASE_URL", "postgres://u:s3cr3t@db/v"),
+        ])
+        .expect("loads");
+        let shown = format!("{c:?}\n{}", c.render());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("****"));
+        assert_eq!(c.amqp_url.expose(), "amqp://u:hunter2@mq:5672/%2f");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (k, v) in [
+            ("VOLUMED_WORKERS", "0"),
+            ("VOLUMED_WORKERS", "many"),
+            ("VOLUMED_BACKEND", "ceph"),
+            ("VOLUMED_APPLIANCE_VM_ID", "vm-1"),
+            ("VOLUMED_HOST_ID", "a/b"),
+            ("VOLUMED_AMQP_URL", "http://x"),
+        ] {
+            let err = load(&[(k, v)]).expect_err(k).to_string();
+            assert!(err.contains(k), "{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("v.toml");
+        std::fs::write(&p, "host_id = \"file-host\"\nworkers = 7\ndata_dir = \"/srv/v\"\n")
+            .expect("write");
+        let env: HashMap<&str, &str> = [("VOLUMED_WORKERS", "3")].into();
+        let c = Config::load_with(Some(&p), &|k| env.get(k).map(|s| s.to_string()))
+            .expect("loads");
+        assert_eq!(c.host_id, "file-host");
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/v"));
+
+        std::fs::write(&p, "wrokers = 7\n").expect("write");
+        let err = Config::load_with(Some(&p), &|_| None).expect_err("typo refused");
+        assert!(format!("{err:#}").contains("wrokers"), "{err:#}");
+    }
+}

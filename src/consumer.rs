@@ -1,0 +1,285 @@
+//! The request consumer: receives deliveries, decodes them, hands valid
+//! requests to the per-volume lanes and refused ones to the dead letters,
+//! and settles every message in one place ([`settle`]) after its outcome is
+//! committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::acker::Acker;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::contract::{self, Envelope, Event, EventError, Rejection};
+use crate::db::{self, AttachmentChange, Finish, Outgoing};
+use crate::dispatcher::Dispatcher;
+use crate::topology::{self, Topology};
+use crate::worker::{db_retry, Settle, Worker};
+
+/// Header names added to a message this daemon dead-letters itself.
+pub const REASON_HEADER: &str = "x-volumed-reason";
+pub const ERROR_HEADER: &str = "x-volumed-error";
+pub const HOST_HEADER: &str = "x-volumed-host";
+
+/// A delivery on its way through a lane.
+pub struct Job {
+    pub request: contract::Request,
+    pub acker: Acker,
+}
+
+/// The consumer's shared state.
+pub struct Consumer {
+    pub config: Arc<Config>,
+    pub worker: Arc<Worker>,
+    pub dispatcher: Arc<Dispatcher<Job>>,
+}
+
+/// Why the consumer stopped.
+#[derive(Debug)]
+pub enum Stopped {
+    /// Shutdown was asked; the connection is handed back so that in-flight
+    /// operations can still acknowledge before it is closed.
+    Shutdown(Option<Connection>),
+}
+
+impl Consumer {
+    /// Consumes until `stop` is cancelled, reconnecting with capped backoff
+    /// when the broker goes away. Returns an error only for what a
+    /// reconnect cannot fix (a conflicting topology).
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<Stopped> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            if stop.is_cancelled() {
+                return Ok(Stopped::Shutdown(None));
+            }
+            match self.consume_once(&stop).await {
+                Ok(conn) => return Ok(Stopped::Shutdown(Some(conn))),
+                Err(e) if is_precondition_failed(&e) => return Err(e),
+                Err(e) => {
+                    warn!(host = %self.config.host_id, cause = %format!("{e:#}"), retry_in = ?delay,
+                          "request consumer lost the broker; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(Stopped::Shutdown(None)),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn consume_once(self: &Arc<Self>, stop: &CancellationToken) -> Result<Connection> {
+        let cfg = &self.config;
+        let conn = crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
+            .await?;
+        let ch = conn.create_channel().await?;
+        Topology::for_host(&cfg.host_id, cfg.delivery_limit)
+            .declare(&ch)
+            .await?;
+        ch.basic_qos(cfg.prefetch(), BasicQosOptions::default())
+            .await?;
+        let dead = conn.create_channel().await?;
+        dead.confirm_select(ConfirmSelectOptions::default()).await?;
+        let queue = topology::request_queue(&cfg.host_id);
+        let tag = format!("volumed-{}-{}", cfg.host_id, Uuid::new_v4().simple());
+        let mut deliveries = ch
+            .basic_consume(&queue, &tag, BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        info!(host = %cfg.host_id, queue, prefetch = cfg.prefetch(), "consuming requests");
+        let dead = Arc::new(dead);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    // Stop new deliveries; what is already prefetched and
+                    // unread goes back to the queue when the channel closes.
+                    if let Err(e) = ch.basic_cancel(&tag, BasicCancelOptions::default()).await {
+                        warn!(cause = %e, "cannot cancel the consumer cleanly");
+                    }
+                    info!(host = %cfg.host_id, "stopped consuming");
+                    return Ok(conn);
+                }
+                next = deliveries.next() => match next {
+                    Some(Ok(d)) => self.accept(d, &dead),
+                    Some(Err(e)) => return Err(e).context("request channel failed"),
+                    None => return Err(anyhow!("the broker cancelled the request consumer")),
+                }
+            }
+        }
+    }
+
+    fn accept(self: &Arc<Self>, d: Delivery, dead: &Arc<Channel>) {
+        let props = &d.properties;
+        let env = Envelope {
+            message_id: props.message_id().as_ref().map(ShortString::as_str),
+            correlation_id: props.correlation_id().as_ref().map(ShortString::as_str),
+            reply_to: props.reply_to().as_ref().map(ShortString::as_str),
+        };
+        match contract::decode(&d.data, &env, self.config.max_message_bytes) {
+            Ok(request) => {
+                let key = request.volume_id;
+                let me = Arc::clone(self);
+                self.dispatcher.dispatch(
+                    key,
+                    Job {
+                        request,
+                        acker: d.acker,
+                    },
+                    move |job: Job| {
+                        let me = Arc::clone(&me);
+                        async move {
+                            let settle = me.worker.handle(&job.request).await;
+                            settle_job(&job, settle).await;
+                        }
+                    },
+                );
+            }
+            Err(rejection) => {
+                let me = Arc::clone(self);
+                let dead = Arc::clone(dead);
+                let span = info_span!("rejected", message.id = env.message_id.unwrap_or("-"),
+                    request.id = ?rejection.request_id, volume.id = ?rejection.volume_id,
+                    host = %self.config.host_id);
+                self.dispatcher
+                    .tracker()
+                    .spawn(async move { me.reject(d, rejection, &dead).await }.instrument(span));
+            }
+        }
+    }
+
+    /// A message the decoder refused: a failed event when the request can be
+    /// named, then the dead letters with the reason, then the ack. Such a
+    /// message can never succeed, so it is never requeued.
+    async fn reject(&self, d: Delivery, r: Rejection, dead: &Channel) {
+        warn!(error.code = %r.code, error.message = %r.message, "refused a request");
+        if let (Some(request_id), Some(op)) = (r.request_id, r.op) {
+            let event = Event {
+                event_id: Uuid::new_v4(),
+                event_type: op.event_type(false),
+                request_id,
+                host: self.config.host_id.clone(),
+                volume_id: r.volume_id,
+                vm_id: r.vm_id,
+                occurred_at: Utc::now(),
+                device: None,
+                export: None,
+                error: Some(EventError {
+                    code: r.code,
+                    message: r.message.clone(),
+                    retryable: false,
+                }),
+                attempts: 1,
+            };
+            let finish = Finish {
+                host: &self.config.host_id,
+                request_id,
+                op: Some(op),
+                volume_id: r.volume_id,
+                vm_id: r.vm_id,
+                error: Some((r.code, r.message.clone())),
+                change: AttachmentChange::None,
+                outgoing: Outgoing {
+                    event,
+                    correlation_id: d.properties.correlation_id().as_ref().map(|s| s.to_string()),
+                    reply_to: d.properties.reply_to().as_ref().map(|s| s.to_string()),
+                },
+            };
+            if let Err(e) = db_retry("record refusal", || db::finish_operation(&self.worker.pool, &finish)).await {
+                error!(cause = %e, "cannot record the refused request; dead-lettering it anyway");
+            }
+        }
+        let settle = match dead_letter(dead, &d, &self.config.host_id, &r).await {
+            Ok(()) => Settle::Ack,
+            Err(e) => {
+                warn!(cause = %format!("{e:#}"), "cannot publish the dead letter; rejecting to the broker's dead-letter exchange instead");
+                // Rejected without requeue, the broker dead-letters it
+                // itself (reason `rejected`), without our reason header.
+                if let Err(e) = d.acker.reject(BasicRejectOptions { requeue: false }).await {
+                    warn!(cause = %e, "reject lost; the broker will redeliver the message");
+                }
+                return;
+            }
+        };
+        settle_acker(&d.acker, settle).await;
+    }
+}
+
+/// Settles a worker's job. This is the one place where a request is
+/// acknowledged or given back, and it runs only after the worker returned,
+/// i.e. after the outcome was committed.
+async fn settle_job(job: &Job, settle: Settle) {
+    settle_acker(&job.acker, settle).await;
+}
+
+async fn settle_acker(acker: &Acker, settle: Settle) {
+    let result = match settle {
+        Settle::Ack => acker.ack(BasicAckOptions::default()).await,
+        // reject (not nack): counted by the delivery limit on every
+        // RabbitMQ version.
+        Settle::Requeue => acker.reject(BasicRejectOptions { requeue: true }).await,
+    };
+    if let Err(e) = result {
+        // The channel is gone: the broker redelivers the message, and the
+        // journal recognises it as finished. Nothing is lost.
+        warn!(cause = %e, ?settle, "could not settle the message; its redelivery will be recognised");
+    }
+}
+
+/// Publishes a refused message to `volumed.dead` with the reason, and waits
+/// for the broker's confirm.
+async fn dead_letter(ch: &Channel, d: &Delivery, host: &str, r: &Rejection) -> Result<()> {
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(r.code.as_str().into()));
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(r.message.as_str().into()));
+    headers.insert(HOST_HEADER.into(), AMQPValue::LongString(host.into()));
+    headers.insert(
+        "x-volumed-original-routing-key".into(),
+        AMQPValue::LongString(d.routing_key.as_str().into()),
+    );
+    let props = d.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let confirm = ch
+        .basic_publish(
+            topology::DEAD_EXCHANGE,
+            host,
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &d.data,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(anyhow!(
+            "the dead-letter exchange has no queue for host {host}"
+        )),
+        Confirmation::Nack(_) => Err(anyhow!("the broker refused the dead letter")),
+        Confirmation::NotRequested => Err(anyhow!("the dead-letter channel is not in confirm mode")),
+    }
+}
+
+fn is_precondition_failed(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("PRECONDITION_FAILED")
+}
+
+/// Properties of a request message as the contract wants them.
+pub fn request_properties(request_id: Uuid) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(request_id.to_string().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}

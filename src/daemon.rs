@@ -1,0 +1,159 @@
+//! `volumed run`: build the parts, run the consumer and the relay, and stop
+//! in order when asked: stop consuming, let in-flight operations finish,
+//! flush the outbox, close.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backend::local::LocalBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, Config};
+use crate::consumer::{Consumer, Stopped};
+use crate::db;
+use crate::dispatcher::Dispatcher;
+use crate::relay::Relay;
+use crate::worker::Worker;
+
+/// Runs the daemon until `shutdown` resolves or a part fails for good.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let config = Arc::new(config);
+    let appliance_vm = config.require_appliance_vm()?;
+    let backend: Arc<dyn Backend> = match config.backend {
+        BackendKind::Local => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("cannot create VOLUMED_DATA_DIR {}", config.data_dir.display())
+            })?;
+            Arc::new(LocalBackend::new(
+                &config.data_dir,
+                &config.device_dir,
+                appliance_vm,
+                config.local_latency,
+            ))
+        }
+        BackendKind::CloudStack => {
+            bail!("VOLUMED_BACKEND=cloudstack is not available in this version; use local")
+        }
+    };
+
+    // Workers, the relay and its listener each hold a connection at times.
+    let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
+    db::migrate(&pool).await?;
+
+    let worker = Arc::new(Worker {
+        host: config.host_id.clone(),
+        appliance_vm,
+        backend,
+        pool: pool.clone(),
+        device_dir: config.device_dir.clone(),
+        device_timeout: config.device_timeout,
+    });
+    let dispatcher = Arc::new(Dispatcher::new(config.workers));
+    let consumer = Arc::new(Consumer {
+        config: Arc::clone(&config),
+        worker,
+        dispatcher: Arc::clone(&dispatcher),
+    });
+    let relay = Arc::new(Relay {
+        config: Arc::clone(&config),
+        pool: pool.clone(),
+    });
+
+    let stop_consuming = CancellationToken::new();
+    let stop_relay = CancellationToken::new();
+    let mut consumer_task = tokio::spawn(consumer.run(stop_consuming.clone()));
+    let mut relay_task = tokio::spawn(relay.run(stop_relay.clone()));
+    info!(host = %config.host_id, backend = ?config.backend, workers = config.workers, "volumed started");
+
+    let mut failure = None;
+    let mut consumer_result = None;
+    let mut relay_finished = false;
+    tokio::select! {
+        _ = shutdown => info!("shutdown requested"),
+        r = &mut consumer_task => {
+            consumer_result = Some(r);
+        }
+        r = &mut relay_task => {
+            relay_finished = true;
+            let e = match r {
+                Ok(Ok(())) => anyhow::anyhow!("the outbox relay stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("the outbox relay panicked: {e}"),
+            };
+            error!(cause = %format!("{e:#}"), "outbox relay failed");
+            failure = Some(e);
+        }
+    }
+
+    // 1. Stop taking requests. The consumer hands back its connection so
+    //    that operations still running can acknowledge on it.
+    stop_consuming.cancel();
+    let consumer_result = match consumer_result {
+        Some(r) => r,
+        None => consumer_task.await,
+    };
+    let consumer_conn = match consumer_result {
+        Ok(Ok(Stopped::Shutdown(conn))) => conn,
+        Ok(Err(e)) => {
+            error!(cause = %format!("{e:#}"), "request consumer failed");
+            failure.get_or_insert(e);
+            None
+        }
+        Err(e) => {
+            failure.get_or_insert(anyhow::anyhow!("the request consumer panicked: {e}"));
+            None
+        }
+    };
+
+    // 2. Let in-flight operations finish, within the shutdown timeout.
+    //    Operations cut off here were not acknowledged: the broker
+    //    redelivers them and the journal resumes them.
+    let busy = dispatcher.busy_lanes();
+    if busy > 0 {
+        info!(busy, "waiting for in-flight operations");
+    }
+    if tokio::time::timeout(config.shutdown_timeout, dispatcher.drain())
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?config.shutdown_timeout,
+              "in-flight operations did not finish in time; they will be redelivered");
+    }
+    if let Some(conn) = consumer_conn {
+        let _ = conn.close(200, "volumed stopping").await;
+    }
+
+    // 3. Flush the outbox: events committed above are published now rather
+    //    than at the next start.
+    stop_relay.cancel();
+    let flushed = if relay_finished {
+        Ok(Ok(Ok(())))
+    } else {
+        tokio::time::timeout(config.shutdown_timeout, &mut relay_task).await
+    };
+    match flushed {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(cause = %format!("{e:#}"), "outbox flush failed"),
+        Ok(Err(_)) => {}
+        Err(_) => {
+            relay_task.abort();
+            warn!("outbox flush timed out; remaining events are published at the next start");
+        }
+    }
+    match db::outbox_backlog(&pool, &config.host_id).await {
+        Ok((0, _)) => {}
+        Ok((n, oldest)) => warn!(pending = n, ?oldest, "events left in the outbox"),
+        Err(e) => warn!(cause = %e, "cannot read the outbox backlog"),
+    }
+    pool.close().await;
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            info!("volumed stopped");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! PostgreSQL: the pool, migrations, and the journal / attachment / outbox
+//! statements. Every statement that finishes an operation runs in one
+//! transaction with the outbox insert (the transactional outbox).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::config::SecretUrl;
+use crate::contract::{ErrorCode, Event, Op};
+
+/// The channel the outbox relay listens on; the payload is the host id.
+pub const OUTBOX_CHANNEL: &str = "volumed_outbox";
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool. `max` should cover the workers plus the relay and its
+/// listener.
+pub async fn connect(url: &SecretUrl, max: u32) -> Result<PgPool> {
+    let opts: PgConnectOptions = url
+        .expose()
+        .parse()
+        .with_context(|| format!("invalid database URL {url}"))?;
+    PgPoolOptions::new()
+        .max_connections(max)
+        // A statement waits at most this long for a connection; past it the
+        // caller sees an error and retries, rather than hanging forever.
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts.application_name("volumed"))
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {url}"))
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("applying database migrations")
+}
+
+/// What the journal says about a request when a worker picks it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// First or renewed attempt; the number of this attempt.
+    Run { attempts: i32 },
+    /// Already terminal: its event is in the outbox; do nothing.
+    Done { state: String },
+}
+
+/// Records that a worker starts (or restarts after a crash) a request, in
+/// one statement. A terminal row is left untouched, which is what makes a
+/// redelivered request a no-op.
+pub async fn start_operation(
+    pool: &PgPool,
+    host: &str,
+    request_id: Uuid,
+    op: Op,
+    volume_id: Uuid,
+    vm_id: Option<Uuid>,
+    job_id: Option<&str>,
+    metadata: &serde_json::Value,
+) -> Result<Start, sqlx::Error> {
+    let row = sqlx::query(
+        "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, job_id, metadata)
+         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)
+         ON CONFLICT (request_id) DO UPDATE
+            SET attempts = operations.attempts + 1, updated_at = now()
+            WHERE operations.state = 'running'
+         RETURNING attempts",
+    )
+    .bind(request_id)
+    .bind(host)
+    .bind(op.as_str())
+    .bind(volume_id)
+    .bind(vm_id)
+    .bind(job_id)
+    .bind(metadata)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(r) => Ok(Start::Run {
+            attempts: r.try_get("attempts")?,
+        }),
+        None => {
+            let state: String =
+                sqlx::query_scalar("SELECT state FROM operations WHERE request_id = $1")
+                    .bind(request_id)
+                    .fetch_one(pool)
+                    .await?;
+            Ok(Start::Done { state })
+        }
+    }
+}
+
+/// Records the step an operation reached (for operators and for resuming).
+pub async fn record_step(pool: &PgPool, request_id: Uuid, step: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE operations SET step = $2, updated_at = now() WHERE request_id = $1")
+        .bind(request_id)
+        .bind(step)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The attachment change a finished operation makes.
+#[derive(Debug, Clone)]
+pub enum AttachmentChange {
+    None,
+    Upsert {
+        volume_id: Uuid,
+        vm_id: Uuid,
+        device_path: Option<String>,
+        stable_path: Option<String>,
+    },
+    Remove {
+        volume_id: Uuid,
+    },
+}
+
+/// An outbox row to write with the terminal state.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub event: Event,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// How a request ended, as the journal records it.
+#[derive(Debug, Clone)]
+pub struct Finish<'a> {
+    pub host: &'a str,
+    pub request_id: Uuid,
+    pub op: Option<Op>,
+    pub volume_id: Option<Uuid>,
+    pub vm_id: Option<Uuid>,
+    pub error: Option<(ErrorCode, String)>,
+    pub change: AttachmentChange,
+    pub outgoing: Outgoing,
+}
+
+/// Writes the terminal state, the attachment change and the outbox event in
+/// one transaction, and wakes the relay. Returns false (and writes nothing)
+/// when the request was already terminal: its event already exists.
+pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let state = if f.error.is_none() { "succeeded" } else { "failed" };
+    let (code, message) = match &f.error {
+        Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
+        None => (None, None),
+    };
+    // Upsert, because a request refused by the decoder never had a running
+    // row; a terminal row stays as it is.
+    let updated = sqlx::query(
+        "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, step, attempts,
+                                 error_code, error_message, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'committed', 1, $7, $8, now())
+         ON CONFLICT (request_id) DO UPDATE
+            SET state = EXCLUDED.state, step = 'committed', error_code = EXCLUDED.error_code,
+                error_message = EXCLUDED.error_message, updated_at = now(), finished_at = now()
+            WHERE operations.state = 'running'",
+    )
+    .bind(f.request_id)
+    .bind(f.host)
+    .bind(f.op.map(Op::as_str).unwrap_or("unknown"))
+    .bind(f.volume_id)
+    .bind(f.vm_id)
+    .bind(state)
+    .bind(code)
+    .bind(message)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    apply_change(&mut tx, f.host, f.request_id, &f.change).await?;
+    insert_outbox(&mut tx, &f.outgoing).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn apply_change(
+    tx: &mut Transaction<'_, Postgres>,
+    host: &str,
+    request_id: Uuid,
+    change: &AttachmentChange,
+) -> Result<(), sqlx::Error> {
+    match change {
+        AttachmentChange::None => {}
+        AttachmentChange::Upsert {
+            volume_id,
+            vm_id,
+            device_path,
+            stable_path,
+        } => {
+            // A device path recorded for another volume is stale by
+            // definition (the kernel recycled the name): the backend has
+            // just told us this volume owns it now.
+            if let Some(dev) = device_path {
+                sqlx::query(
+                    "UPDATE volume_attachments SET device_path = NULL, stable_path = NULL
+                     WHERE host = $1 AND device_path = $2 AND volume_id <> $3",
+                )
+                .bind(host)
+                .bind(dev)
+                .bind(volume_id)
+                .execute(&mut **tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO volume_attachments
+                    (volume_id, vm_id, host, device_path, stable_path, request_id)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (volume_id) DO UPDATE
+                    SET vm_id = EXCLUDED.vm_id, host = EXCLUDED.host,
+                        device_path = EXCLUDED.device_path, stable_path = EXCLUDED.stable_path,
+                        request_id = EXCLUDED.request_id, attached_at = now()",
+            )
+            .bind(volume_id)
+            .bind(vm_id)
+            .bind(host)
+            .bind(device_path)
+            .bind(stable_path)
+            .bind(request_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        AttachmentChange::Remove { volume_id } => {
+            sqlx::query("DELETE FROM volume_attachments WHERE volume_id = $1")
+                .bind(volume_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    out: &Outgoing,
+) -> Result<(), sqlx::Error> {
+    let body = serde_json::to_value(&out.event)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(out.event.event_id)
+    .bind(out.event.request_id)
+    .bind(&out.event.host)
+    .bind(out.event.event_type.as_str())
+    .bind(body)
+    .bind(&out.correlation_id)
+    .bind(&out.reply_to)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(OUTBOX_CHANNEL)
+        .bind(&out.event.host)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// One pending outbox row.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub request_id: Uuid,
+    pub routing_key: String,
+    pub body: serde_json::Value,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// Locks up to `limit` unsent events of a host, oldest first. Rows locked by
+/// another relay are skipped, so two relays never publish the same batch.
+pub async fn lock_pending(
+    tx: &mut Transaction<'_, Postgres>,
+    host: &str,
+    limit: i64,
+) -> Result<Vec<PendingEvent>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, request_id, routing_key, body, correlation_id, reply_to
+           FROM outbox WHERE host = $1 AND sent_at IS NULL
+          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(host)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(PendingEvent {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                request_id: r.try_get("request_id")?,
+                routing_key: r.try_get("routing_key")?,
+                body: r.try_get("body")?,
+                correlation_id: r.try_get("correlation_id")?,
+                reply_to: r.try_get("reply_to")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn mark_sent(
+    tx: &mut Transaction<'_, Postgres>,
+    sent: &[i64],
+    unroutable: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET sent_at = now(), publish_attempts = publish_attempts + 1,
+                unroutable = (id = ANY($2))
+          WHERE id = ANY($1)",
+    )
+    .bind(sent)
+    .bind(unroutable)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Unsent events of a host and the age of the oldest, for shutdown and
+/// operators.
+pub async fn outbox_backlog(
+    pool: &PgPool,
+    host: &str,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS n, min(created_at) AS oldest FROM outbox
+          WHERE host = $1 AND sent_at IS NULL",
+    )
+    .bind(host)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("n")?, row.try_get("oldest")?))
+}
+
+/// Whether an error is the database being unreachable (worth waiting for)
+/// rather than a statement that will fail the same way every time.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // Class 08: connection exception; 57P01..57P03: admin shutdown,
+            // crash shutdown, cannot connect now; 40001/40P01: retry.
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,21 @@
+//! volumed: the volume daemon of a VM-migration appliance. It attaches
+//! volumes on request (AMQP), finds their block devices, records every
+//! outcome in PostgreSQL with its completion event (transactional outbox),
+//! and publishes the events.
+
+pub mod amqp;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod consumer;
+pub mod contract;
+pub mod daemon;
+pub mod db;
+pub mod device;
+pub mod dispatcher;
+pub mod failpoint;
+pub mod relay;
+pub mod telemetry;
+pub mod topology;
+pub mod worker;

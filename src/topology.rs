@@ -1,0 +1,233 @@
+//! The broker topology, described once and used twice: declared by the
+//! daemon at start-up, and rendered as a RabbitMQ definitions file for
+//! `queue-topology/` (`volumed topology definitions --host H`).
+
+use anyhow::{Context, Result};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+use serde_json::{json, Value};
+
+/// Requests, routed by host id.
+pub const REQUESTS_EXCHANGE: &str = "volumed.requests";
+/// Completion events, routed by event type.
+pub const EVENTS_EXCHANGE: &str = "volumed.events";
+/// Dead letters, routed by host id (the broker keeps a dead-lettered
+/// request's original routing key, which is the host id).
+pub const DEAD_EXCHANGE: &str = "volumed.dead";
+
+pub fn request_queue(host: &str) -> String {
+    format!("{REQUESTS_EXCHANGE}.{host}")
+}
+
+pub fn dead_queue(host: &str) -> String {
+    format!("{DEAD_EXCHANGE}.{host}")
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Str(&'static str),
+    Int(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeSpec {
+    pub name: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub args: Vec<(&'static str, Arg)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BindingSpec {
+    pub exchange: &'static str,
+    pub queue: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchanges: Vec<ExchangeSpec>,
+    pub queues: Vec<QueueSpec>,
+    pub bindings: Vec<BindingSpec>,
+}
+
+impl Topology {
+    /// Everything one host's daemon needs. `delivery_limit` is the broker's
+    /// poison guard: a message redelivered that many times (a daemon that
+    /// crashes on it every time) is dead-lettered instead of looping.
+    pub fn for_host(host: &str, delivery_limit: u32) -> Topology {
+        Topology {
+            exchanges: vec![
+                ExchangeSpec {
+                    name: REQUESTS_EXCHANGE,
+                    kind: "direct",
+                },
+                ExchangeSpec {
+                    name: EVENTS_EXCHANGE,
+                    kind: "topic",
+                },
+                ExchangeSpec {
+                    name: DEAD_EXCHANGE,
+                    kind: "direct",
+                },
+            ],
+            queues: vec![
+                QueueSpec {
+                    name: request_queue(host),
+                    args: vec![
+                        ("x-queue-type", Arg::Str("quorum")),
+                        ("x-dead-letter-exchange", Arg::Str(DEAD_EXCHANGE)),
+                        // At-least-once dead-lettering needs reject-publish
+                        // overflow; without it the broker silently falls
+                        // back to at-most-once.
+                        ("x-dead-letter-strategy", Arg::Str("at-least-once")),
+                        ("x-overflow", Arg::Str("reject-publish")),
+                        ("x-delivery-limit", Arg::Int(i64::from(delivery_limit))),
+                    ],
+                },
+                QueueSpec {
+                    name: dead_queue(host),
+                    args: vec![("x-queue-type", Arg::Str("quorum"))],
+                },
+            ],
+            bindings: vec![
+                BindingSpec {
+                    exchange: REQUESTS_EXCHANGE,
+                    queue: request_queue(host),
+                    key: host.to_owned(),
+                },
+                BindingSpec {
+                    exchange: DEAD_EXCHANGE,
+                    queue: dead_queue(host),
+                    key: host.to_owned(),
+                },
+            ],
+        }
+    }
+
+    /// Declares everything (idempotent). A conflicting existing declaration
+    /// makes the broker close the channel with PRECONDITION_FAILED; the error
+    /// says which object and what to do instead of changing it.
+    pub async fn declare(&self, ch: &Channel) -> Result<()> {
+        for x in &self.exchanges {
+            let kind = match x.kind {
+                "topic" => ExchangeKind::Topic,
+                _ => ExchangeKind::Direct,
+            };
+            ch.exchange_declare(
+                x.name,
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| conflict_hint("exchange", x.name))?;
+        }
+        for q in &self.queues {
+            let mut args = FieldTable::default();
+            for (k, v) in &q.args {
+                let value = match v {
+                    Arg::Str(s) => AMQPValue::LongString((*s).into()),
+                    Arg::Int(i) => AMQPValue::LongLongInt(*i),
+                };
+                args.insert((*k).into(), value);
+            }
+            ch.queue_declare(
+                &q.name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .with_context(|| conflict_hint("queue", &q.name))?;
+        }
+        for b in &self.bindings {
+            ch.queue_bind(
+                &b.queue,
+                b.exchange,
+                &b.key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding queue {} to {}", b.queue, b.exchange))?;
+        }
+        Ok(())
+    }
+
+    /// The RabbitMQ definitions document (`rabbitmqctl import_definitions`).
+    pub fn definitions(&self, vhost: &str) -> Value {
+        let exchanges: Vec<Value> = self
+            .exchanges
+            .iter()
+            .map(|x| {
+                json!({"name": x.name, "vhost": vhost, "type": x.kind, "durable": true,
+                       "auto_delete": false, "internal": false, "arguments": {}})
+            })
+            .collect();
+        let queues: Vec<Value> = self
+            .queues
+            .iter()
+            .map(|q| {
+                let args: serde_json::Map<String, Value> = q
+                    .args
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Arg::Str(s) => json!(s),
+                            Arg::Int(i) => json!(i),
+                        };
+                        ((*k).to_owned(), v)
+                    })
+                    .collect();
+                json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+                       "arguments": args})
+            })
+            .collect();
+        let bindings: Vec<Value> = self
+            .bindings
+            .iter()
+            .map(|b| {
+                json!({"source": b.exchange, "vhost": vhost, "destination": b.queue,
+                       "destination_type": "queue", "routing_key": b.key, "arguments": {}})
+            })
+            .collect();
+        json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+    }
+}
+
+fn conflict_hint(kind: &str, name: &str) -> String {
+    format!(
+        "declaring {kind} {name}: if the broker reports PRECONDITION_FAILED, an existing {kind} \
+         of that name has different settings; volumed never changes it: align the settings \
+         (e.g. VOLUMED_DELIVERY_LIMIT) or delete the {kind} after draining it"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_definitions_match_the_code() {
+        let shipped: Value = serde_json::from_str(include_str!(
+            "../queue-topology/definitions.json"
+        ))
+        .expect("queue-topology/definitions.json is JSON");
+        let generated = Topology::for_host("oma-1", 10).definitions("/");
+        assert_eq!(
+            shipped, generated,
+            "regenerate with: volumed topology definitions --host oma-1 > queue-topology/definitions.json"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! One operation, start to finish: journal it, do the backend work, find the
+//! device, and commit the outcome with its event. The worker never touches
+//! the broker; it returns a [`Settle`] decision that the consumer carries out
+//! after the commit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tracing::{error, info, instrument, warn, Span};
+use uuid::Uuid;
+
+use crate::backend::{Backend, BackendError};
+use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, Op, Request};
+use crate::db::{self, AttachmentChange, Finish, Outgoing, Start};
+use crate::device;
+use crate::failpoint;
+
+/// What to do with the message once the worker is done with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The outcome is committed (or was already): acknowledge.
+    Ack,
+    /// Nothing was committed and the cause may pass: give the message back.
+    /// The broker counts the redelivery, so a message that never commits is
+    /// dead-lettered at the delivery limit instead of looping.
+    Requeue,
+}
+
+/// The result of the backend part of an operation.
+struct Outcome {
+    result: Result<Option<DeviceInfo>, (ErrorCode, String)>,
+    change: AttachmentChange,
+    /// The VM the event names (for a detach: where it was attached).
+    vm_id: Option<Uuid>,
+}
+
+impl Outcome {
+    fn failed(code: ErrorCode, msg: impl Into<String>, vm_id: Option<Uuid>) -> Self {
+        Outcome {
+            result: Err((code, msg.into())),
+            change: AttachmentChange::None,
+            vm_id,
+        }
+    }
+
+    fn backend(e: BackendError, vm_id: Option<Uuid>) -> Self {
+        Outcome::failed(e.code(), e.to_string(), vm_id)
+    }
+}
+
+pub struct Worker {
+    pub host: String,
+    pub appliance_vm: Uuid,
+    pub backend: Arc<dyn Backend>,
+    pub pool: PgPool,
+    pub device_dir: PathBuf,
+    pub device_timeout: Duration,
+}
+
+impl Worker {
+    /// Runs one request and commits its outcome.
+    #[instrument(name = "operation", skip_all, fields(
+        request.id = %req.request_id, volume.id = %req.volume_id, host = %self.host,
+        op = req.op.as_str(), vm.id = ?req.vm_id, attempt = tracing::field::Empty,
+    ))]
+    pub async fn handle(&self, req: &Request) -> Settle {
+        let start = db_retry("journal start", || {
+            db::start_operation(
+                &self.pool,
+                &self.host,
+                req.request_id,
+                req.op,
+                req.volume_id,
+                req.vm_id,
+                req.job_id.as_deref(),
+                &req.metadata,
+            )
+        })
+        .await;
+        let attempts = match start {
+            Ok(Start::Run { attempts }) => attempts,
+            Ok(Start::Done { state }) => {
+                info!(state, "request already finished; acknowledging the redelivery");
+                return Settle::Ack;
+            }
+            Err(e) => {
+                error!(cause = %e, "cannot journal the request; giving it back to the broker");
+                return Settle::Requeue;
+            }
+        };
+        Span::current().record("attempt", attempts);
+
+        let outcome = match req.op {
+            Op::Attach => self.attach(req).await,
+            Op::Detach => self.detach(req).await,
+        };
+        failpoint::hit("before_commit").await;
+        let settle = self.commit(req, attempts, outcome).await;
+        failpoint::hit("after_commit").await;
+        settle
+    }
+
+    async fn attach(&self, req: &Request) -> Outcome {
+        // The decoder guarantees a VM for attach; keep the worker total.
+        let Some(vm) = req.vm_id else {
+            return Outcome::failed(ErrorCode::MissingField, "attach needs vm_id", None);
+        };
+        let vol = req.volume_id;
+        let state = match self.backend.volume(vol).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::backend(e, Some(vm)),
+        };
+        match state.attached_to {
+            Some(current) if current == vm => {
+                info!("volume already attached to this VM; no backend call");
+            }
+            Some(other) => {
+                return Outcome::failed(
+                    ErrorCode::VolumeAttachedElsewhere,
+                    format!("volume {vol} is attached to VM {other}"),
+                    Some(vm),
+                );
+            }
+            None => {
+                failpoint::hit("before_backend").await;
+                if let Err(e) = self.backend.attach(vol, vm).await {
+                    return Outcome::backend(e, Some(vm));
+                }
+                self.step(req.request_id, "backend_attached").await;
+            }
+        }
+        if vm != self.appliance_vm {
+            // Failover: the device appears in another VM, not here.
+            return Outcome {
+                result: Ok(None),
+                change: AttachmentChange::Upsert {
+                    volume_id: vol,
+                    vm_id: vm,
+                    device_path: None,
+                    stable_path: None,
+                },
+                vm_id: Some(vm),
+            };
+        }
+        let link = device::link_for(&self.device_dir, vol);
+        match device::wait_for_device(&link, self.device_timeout).await {
+            Some(dev) => {
+                self.step(req.request_id, "device_found").await;
+                Outcome {
+                    change: AttachmentChange::Upsert {
+                        volume_id: vol,
+                        vm_id: vm,
+                        device_path: Some(dev.path.clone()),
+                        stable_path: Some(dev.stable_path.clone()),
+                    },
+                    result: Ok(Some(dev)),
+                    vm_id: Some(vm),
+                }
+            }
+            None => Outcome {
+                result: Err((
+                    ErrorCode::DeviceTimeout,
+                    format!(
+                        "the backend attached the volume but {} did not appear within {:?}",
+                        link.display(),
+                        self.device_timeout
+                    ),
+                )),
+                // The backend did attach it: record that, without a device,
+                // so the database keeps agreeing with the backend.
+                change: AttachmentChange::Upsert {
+                    volume_id: vol,
+                    vm_id: vm,
+                    device_path: None,
+                    stable_path: None,
+                },
+                vm_id: Some(vm),
+            },
+        }
+    }
+
+    async fn detach(&self, req: &Request) -> Outcome {
+        let vol = req.volume_id;
+        let state = match self.backend.volume(vol).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::backend(e, req.vm_id),
+        };
+        let Some(current) = state.attached_to else {
+            info!("volume is not attached; nothing to detach");
+            return Outcome {
+                result: Ok(None),
+                change: AttachmentChange::Remove { volume_id: vol },
+                vm_id: req.vm_id,
+            };
+        };
+        if let Some(wanted) = req.vm_id {
+            if wanted != current {
+                return Outcome::failed(
+                    ErrorCode::VolumeAttachedElsewhere,
+                    format!("volume {vol} is attached to VM {current}, not to VM {wanted}"),
+                    Some(wanted),
+                );
+            }
+        }
+        failpoint::hit("before_backend").await;
+        if let Err(e) = self.backend.detach(vol, current).await {
+            return Outcome::backend(e, Some(current));
+        }
+        self.step(req.request_id, "backend_detached").await;
+        if current == self.appliance_vm {
+            let link = device::link_for(&self.device_dir, vol);
+            if !device::wait_gone(&link, self.device_timeout).await {
+                return Outcome::failed(
+                    ErrorCode::DeviceTimeout,
+                    format!(
+                        "the backend detached the volume but {} is still present after {:?}",
+                        link.display(),
+                        self.device_timeout
+                    ),
+                    Some(current),
+                );
+            }
+        }
+        Outcome {
+            result: Ok(None),
+            change: AttachmentChange::Remove { volume_id: vol },
+            vm_id: Some(current),
+        }
+    }
+
+    /// Records a step; failing to record it is logged, not fatal: the step
+    /// column is for operators and for resuming, and the next write of the
+    /// row corrects it.
+    async fn step(&self, request_id: Uuid, step: &str) {
+        if let Err(e) = db::record_step(&self.pool, request_id, step).await {
+            warn!(step, cause = %e, "cannot record the step reached");
+        }
+    }
+
+    async fn commit(&self, req: &Request, attempts: i32, outcome: Outcome) -> Settle {
+        let event_type = req.op.event_type(outcome.result.is_ok());
+        let (device, error) = match &outcome.result {
+            Ok(dev) => (dev.clone(), None),
+            Err((code, msg)) => {
+                warn!(error.code = %code, error.message = %msg, "operation failed");
+                (
+                    None,
+                    Some(EventError {
+                        code: *code,
+                        message: msg.clone(),
+                        retryable: code.retryable(),
+                    }),
+                )
+            }
+        };
+        let event = Event {
+            event_id: Uuid::new_v4(),
+            event_type,
+            request_id: req.request_id,
+            host: self.host.clone(),
+            volume_id: Some(req.volume_id),
+            vm_id: outcome.vm_id,
+            occurred_at: Utc::now(),
+            device,
+            export: None,
+            error: error.clone(),
+            attempts,
+        };
+        let finish = Finish {
+            host: &self.host,
+            request_id: req.request_id,
+            op: Some(req.op),
+            volume_id: Some(req.volume_id),
+            vm_id: outcome.vm_id,
+            error: error.map(|e| (e.code, e.message)),
+            change: outcome.change,
+            outgoing: Outgoing {
+                event,
+                correlation_id: req.correlation_id.clone(),
+                reply_to: req.reply_to.clone(),
+            },
+        };
+        match db_retry("journal finish", || db::finish_operation(&self.pool, &finish)).await {
+            Ok(true) => {
+                info!(event.type = event_type.as_str(), "operation committed");
+                Settle::Ack
+            }
+            Ok(false) => {
+                info!("another delivery of this request committed first");
+                Settle::Ack
+            }
+            Err(e) => {
+                // A statement that fails for a reason other than the
+                // connection (a constraint, say) will fail the same way
+                // again: record the failure without the state change, so
+                // the request still ends in exactly one event.
+                error!(cause = %e, "cannot commit the outcome; recording it as failed");
+                let mut failed = finish.clone();
+                let msg = format!("volumed could not record the outcome: {e}");
+                failed.error = Some((ErrorCode::Internal, msg.clone()));
+                failed.change = AttachmentChange::None;
+                failed.outgoing.event.event_type = req.op.event_type(false);
+                failed.outgoing.event.device = None;
+                failed.outgoing.event.error = Some(EventError {
+                    code: ErrorCode::Internal,
+                    message: msg,
+                    retryable: true,
+                });
+                match db_retry("journal finish", || db::finish_operation(&self.pool, &failed))
+                    .await
+                {
+                    Ok(_) => Settle::Ack,
+                    Err(e) => {
+                        error!(cause = %e, "cannot record the failure either; requeueing");
+                        Settle::Requeue
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Retries a statement while the database is unreachable, with capped
+/// backoff, and returns any other error at once. Waiting here (instead of
+/// requeueing) is what pauses consumption during a database outage: the
+/// message stays unacknowledged and the prefetch limit stops new deliveries.
+pub async fn db_retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut logged = false;
+    loop {
+        match f().await {
+            Ok(v) => {
+                if logged {
+                    info!(what, "database reachable again");
+                }
+                return Ok(v);
+            }
+            Err(e) if db::is_connection_error(&e) => {
+                if !logged {
+                    warn!(what, cause = %e, "database unreachable; waiting for it");
+                    logged = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
