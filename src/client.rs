@@ -106,8 +106,13 @@ impl Client {
     /// no queue took it (no daemon has ever run for that host).
     pub async fn publish(&self, req: &Outgoing) -> Result<()> {
         let body = serde_json::to_vec(&req.body)?;
-        self.publish_raw(&req.host, &body, Some(req.request_id), req.reply_to.as_deref())
-            .await
+        self.publish_raw(
+            &req.host,
+            &body,
+            Some(req.request_id),
+            req.reply_to.as_deref(),
+        )
+        .await
     }
 
     /// Publishes arbitrary bytes as a request (tests use it for bad input).
@@ -167,12 +172,23 @@ impl Client {
             .await?;
         let queue = q.name().to_string();
         if !pattern.is_empty() {
-            ch.queue_bind(&queue, EVENTS_EXCHANGE, pattern, QueueBindOptions::default(), FieldTable::default())
-                .await
-                .context("binding to volumed.events: has a volumed started on this broker yet?")?;
+            ch.queue_bind(
+                &queue,
+                EVENTS_EXCHANGE,
+                pattern,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("binding to volumed.events: has a volumed started on this broker yet?")?;
         }
         let consumer = ch
-            .basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                &queue,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         Ok(Subscription { queue, consumer })
     }

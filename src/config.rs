@@ -233,7 +233,11 @@ impl Config {
             s("VOLUMED_DATABASE_URL", file.database_url)
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/volumed".into()),
         );
-        check_url(&database_url, "VOLUMED_DATABASE_URL", &["postgres", "postgresql"])?;
+        check_url(
+            &database_url,
+            "VOLUMED_DATABASE_URL",
+            &["postgres", "postgresql"],
+        )?;
 
         Ok(Config {
             host_id,
@@ -253,7 +257,11 @@ impl Config {
             prefetch_per_worker: prefetch_per_worker as u16,
             device_timeout: secs("VOLUMED_DEVICE_TIMEOUT_SECS", file.device_timeout_secs, 30)?,
             max_message_bytes: max_message_bytes as usize,
-            shutdown_timeout: secs("VOLUMED_SHUTDOWN_TIMEOUT_SECS", file.shutdown_timeout_secs, 30)?,
+            shutdown_timeout: secs(
+                "VOLUMED_SHUTDOWN_TIMEOUT_SECS",
+                file.shutdown_timeout_secs,
+                30,
+            )?,
             outbox_poll_interval: millis("VOLUMED_OUTBOX_POLL_MS", file.outbox_poll_ms, 1000)?
                 .max(Duration::from_millis(10)),
             delivery_limit: delivery_limit as u32,
@@ -283,7 +291,10 @@ impl Config {
             ("VOLUMED_HOST_ID", self.host_id.clone()),
             ("VOLUMED_AMQP_URL", self.amqp_url.masked()),
             ("VOLUMED_DATABASE_URL", self.database_url.masked()),
-            ("VOLUMED_BACKEND", format!("{:?}", self.backend).to_lowercase()),
+            (
+                "VOLUMED_BACKEND",
+                format!("{:?}", self.backend).to_lowercase(),
+            ),
             ("VOLUMED_DATA_DIR", self.data_dir.display().to_string()),
             ("VOLUMED_DEVICE_DIR", self.device_dir.display().to_string()),
             (
@@ -293,16 +304,33 @@ impl Config {
                     .unwrap_or_else(|| "(not set)".into()),
             ),
             ("VOLUMED_WORKERS", self.workers.to_string()),
-            ("VOLUMED_PREFETCH_PER_WORKER", self.prefetch_per_worker.to_string()),
-            ("VOLUMED_DEVICE_TIMEOUT_SECS", self.device_timeout.as_secs().to_string()),
-            ("VOLUMED_MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
-            ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", self.shutdown_timeout.as_secs().to_string()),
+            (
+                "VOLUMED_PREFETCH_PER_WORKER",
+                self.prefetch_per_worker.to_string(),
+            ),
+            (
+                "VOLUMED_DEVICE_TIMEOUT_SECS",
+                self.device_timeout.as_secs().to_string(),
+            ),
+            (
+                "VOLUMED_MAX_MESSAGE_BYTES",
+                self.max_message_bytes.to_string(),
+            ),
+            (
+                "VOLUMED_SHUTDOWN_TIMEOUT_SECS",
+                self.shutdown_timeout.as_secs().to_string(),
+            ),
             ("VOLUMED_OUTBOX_POLL_MS", d(self.outbox_poll_interval)),
             ("VOLUMED_DELIVERY_LIMIT", self.delivery_limit.to_string()),
             ("VOLUMED_LOCAL_LATENCY_MS", d(self.local_latency)),
-            ("VOLUMED_LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
+            (
+                "VOLUMED_LOG_FORMAT",
+                format!("{:?}", self.log_format).to_lowercase(),
+            ),
         ];
-        rows.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+        rows.into_iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect()
     }
 }
 
@@ -316,8 +344,7 @@ fn read_file(p: &Path) -> Result<FileConfig> {
 pub fn validate_host_id(h: &str) -> Result<()> {
     let ok = !h.is_empty()
         && h.len() <= 64
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !ok {
         bail!("VOLUMED_HOST_ID={h:?} is invalid: use 1 to 64 characters from A-Z a-z 0-9 . _ -");
@@ -343,8 +370,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn load(vars: &[(&str, &str)]) -> Result<Config> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut with_host = map.clone();
         with_host
             .entry("VOLUMED_HOST_ID".into())
@@ -395,11 +424,13 @@ mod tests {
     fn file_then_env() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("v.toml");
-        std::fs::write(&p, "host_id = \"file-host\"\nworkers = 7\ndata_dir = \"/srv/v\"\n")
-            .expect("write");
+        std::fs::write(
+            &p,
+            "host_id = \"file-host\"\nworkers = 7\ndata_dir = \"/srv/v\"\n",
+        )
+        .expect("write");
         let env: HashMap<&str, &str> = [("VOLUMED_WORKERS", "3")].into();
-        let c = Config::load_with(Some(&p), &|k| env.get(k).map(|s| s.to_string()))
-            .expect("loads");
+        let c = Config::load_with(Some(&p), &|k| env.get(k).map(|s| s.to_string())).expect("loads");
         assert_eq!(c.host_id, "file-host");
         assert_eq!(c.workers, 3);
         assert_eq!(c.data_dir, PathBuf::from("/srv/v"));

@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use lapin::acker::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -83,8 +83,9 @@ impl Consumer {
 
     async fn consume_once(self: &Arc<Self>, stop: &CancellationToken) -> Result<Connection> {
         let cfg = &self.config;
-        let conn = crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
-            .await?;
+        let conn =
+            crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
+                .await?;
         let ch = conn.create_channel().await?;
         Topology::for_host(&cfg.host_id, cfg.delivery_limit)
             .declare(&ch)
@@ -96,7 +97,12 @@ impl Consumer {
         let queue = topology::request_queue(&cfg.host_id);
         let tag = format!("volumed-{}-{}", cfg.host_id, Uuid::new_v4().simple());
         let mut deliveries = ch
-            .basic_consume(&queue, &tag, BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                &queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         info!(host = %cfg.host_id, queue, prefetch = cfg.prefetch(), "consuming requests");
         let dead = Arc::new(dead);
@@ -192,11 +198,19 @@ impl Consumer {
                 change: AttachmentChange::None,
                 outgoing: Outgoing {
                     event,
-                    correlation_id: d.properties.correlation_id().as_ref().map(|s| s.to_string()),
+                    correlation_id: d
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|s| s.to_string()),
                     reply_to: d.properties.reply_to().as_ref().map(|s| s.to_string()),
                 },
             };
-            if let Err(e) = db_retry("record refusal", || db::finish_operation(&self.worker.pool, &finish)).await {
+            if let Err(e) = db_retry("record refusal", || {
+                db::finish_operation(&self.worker.pool, &finish)
+            })
+            .await
+            {
                 error!(cause = %e, "cannot record the refused request; dead-lettering it anyway");
             }
         }
@@ -241,14 +255,24 @@ async fn settle_acker(acker: &Acker, settle: Settle) {
 /// for the broker's confirm.
 async fn dead_letter(ch: &Channel, d: &Delivery, host: &str, r: &Rejection) -> Result<()> {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(r.code.as_str().into()));
-    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(r.message.as_str().into()));
+    headers.insert(
+        REASON_HEADER.into(),
+        AMQPValue::LongString(r.code.as_str().into()),
+    );
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(r.message.as_str().into()),
+    );
     headers.insert(HOST_HEADER.into(), AMQPValue::LongString(host.into()));
     headers.insert(
         "x-volumed-original-routing-key".into(),
         AMQPValue::LongString(d.routing_key.as_str().into()),
     );
-    let props = d.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let props = d
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
     let confirm = ch
         .basic_publish(
             topology::DEAD_EXCHANGE,
@@ -268,7 +292,9 @@ async fn dead_letter(ch: &Channel, d: &Delivery, host: &str, r: &Rejection) -> R
             "the dead-letter exchange has no queue for host {host}"
         )),
         Confirmation::Nack(_) => Err(anyhow!("the broker refused the dead letter")),
-        Confirmation::NotRequested => Err(anyhow!("the dead-letter channel is not in confirm mode")),
+        Confirmation::NotRequested => {
+            Err(anyhow!("the dead-letter channel is not in confirm mode"))
+        }
     }
 }
 

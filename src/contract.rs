@@ -298,7 +298,12 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
     };
     let volume_id = match volume {
         Err(e) => return fail(ErrorCode::InvalidField, e),
-        Ok(None) => return fail(ErrorCode::MissingField, "field `volume_id` is missing".into()),
+        Ok(None) => {
+            return fail(
+                ErrorCode::MissingField,
+                "field `volume_id` is missing".into(),
+            )
+        }
         Ok(Some(v)) => v,
     };
     let vm_id = match vm {
@@ -343,7 +348,10 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
         Some(other) => {
             return fail(
                 ErrorCode::InvalidField,
-                format!("field `metadata` must be an object, got {}", json_kind(other)),
+                format!(
+                    "field `metadata` must be an object, got {}",
+                    json_kind(other)
+                ),
             )
         }
     };
@@ -384,7 +392,10 @@ impl EventType {
     }
 
     pub fn succeeded(self) -> bool {
-        matches!(self, EventType::AttachSucceeded | EventType::DetachSucceeded)
+        matches!(
+            self,
+            EventType::AttachSucceeded | EventType::DetachSucceeded
+        )
     }
 }
 
@@ -468,14 +479,46 @@ mod tests {
         let cases: Vec<(String, Option<&str>, ErrorCode)> = vec![
             ("not json".into(), Some(ID), ErrorCode::MalformedBody),
             ("[1,2]".into(), Some(ID), ErrorCode::MalformedBody),
-            (format!(r#"{{"op":"attach","volume_id":"{VOL}"}}"#), None, ErrorCode::MissingField),
-            (format!(r#"{{"op":"attach","volume_id":"{VOL}"}}"#), Some(ID), ErrorCode::MissingField),
-            (format!(r#"{{"op":"attach","volume_id":"nope","vm_id":"{VOL}"}}"#), Some(ID), ErrorCode::InvalidField),
-            (format!(r#"{{"op":"resize","volume_id":"{VOL}"}}"#), Some(ID), ErrorCode::UnknownOp),
-            (format!(r#"{{"op":7,"volume_id":"{VOL}"}}"#), Some(ID), ErrorCode::InvalidField),
-            (format!(r#"{{"op":"detach","volume_id":"{VOL}","request_id":"{VOL}"}}"#), Some(ID), ErrorCode::InvalidField),
-            (format!(r#"{{"op":"detach","volume_id":"{VOL}","export":"yes"}}"#), Some(ID), ErrorCode::InvalidField),
-            (format!(r#"{{"op":"detach","volume_id":"{{{VOL}}}"}}"#), Some(ID), ErrorCode::InvalidField),
+            (
+                format!(r#"{{"op":"attach","volume_id":"{VOL}"}}"#),
+                None,
+                ErrorCode::MissingField,
+            ),
+            (
+                format!(r#"{{"op":"attach","volume_id":"{VOL}"}}"#),
+                Some(ID),
+                ErrorCode::MissingField,
+            ),
+            (
+                format!(r#"{{"op":"attach","volume_id":"nope","vm_id":"{VOL}"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
+                format!(r#"{{"op":"resize","volume_id":"{VOL}"}}"#),
+                Some(ID),
+                ErrorCode::UnknownOp,
+            ),
+            (
+                format!(r#"{{"op":7,"volume_id":"{VOL}"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
+                format!(r#"{{"op":"detach","volume_id":"{VOL}","request_id":"{VOL}"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
+                format!(r#"{{"op":"detach","volume_id":"{VOL}","export":"yes"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
+                format!(r#"{{"op":"detach","volume_id":"{{{VOL}}}"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
         ];
         for (body, id, code) in cases {
             let err = decode(body.as_bytes(), &env(id), 4096).expect_err(&body);

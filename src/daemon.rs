@@ -25,7 +25,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let backend: Arc<dyn Backend> = match config.backend {
         BackendKind::Local => {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
-                format!("cannot create VOLUMED_DATA_DIR {}", config.data_dir.display())
+                format!(
+                    "cannot create VOLUMED_DATA_DIR {}",
+                    config.data_dir.display()
+                )
             })?;
             Arc::new(LocalBackend::new(
                 &config.data_dir,

@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::config::SecretUrl;
-use crate::contract::{ErrorCode, Event, Op};
+use crate::contract::{ErrorCode, Event, Op, Request};
 
 /// The channel the outbox relay listens on; the payload is the host id.
 pub const OUTBOX_CHANNEL: &str = "volumed_outbox";
@@ -57,12 +57,7 @@ pub enum Start {
 pub async fn start_operation(
     pool: &PgPool,
     host: &str,
-    request_id: Uuid,
-    op: Op,
-    volume_id: Uuid,
-    vm_id: Option<Uuid>,
-    job_id: Option<&str>,
-    metadata: &serde_json::Value,
+    req: &Request,
 ) -> Result<Start, sqlx::Error> {
     let row = sqlx::query(
         "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, job_id, metadata)
@@ -72,13 +67,13 @@ pub async fn start_operation(
             WHERE operations.state = 'running'
          RETURNING attempts",
     )
-    .bind(request_id)
+    .bind(req.request_id)
     .bind(host)
-    .bind(op.as_str())
-    .bind(volume_id)
-    .bind(vm_id)
-    .bind(job_id)
-    .bind(metadata)
+    .bind(req.op.as_str())
+    .bind(req.volume_id)
+    .bind(req.vm_id)
+    .bind(req.job_id.as_deref())
+    .bind(&req.metadata)
     .fetch_optional(pool)
     .await?;
     match row {
@@ -88,7 +83,7 @@ pub async fn start_operation(
         None => {
             let state: String =
                 sqlx::query_scalar("SELECT state FROM operations WHERE request_id = $1")
-                    .bind(request_id)
+                    .bind(req.request_id)
                     .fetch_one(pool)
                     .await?;
             Ok(Start::Done { state })
@@ -147,7 +142,11 @@ pub struct Finish<'a> {
 /// when the request was already terminal: its event already exists.
 pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let state = if f.error.is_none() { "succeeded" } else { "failed" };
+    let state = if f.error.is_none() {
+        "succeeded"
+    } else {
+        "failed"
+    };
     let (code, message) = match &f.error {
         Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
         None => (None, None),
@@ -244,8 +243,7 @@ async fn insert_outbox(
     tx: &mut Transaction<'_, Postgres>,
     out: &Outgoing,
 ) -> Result<(), sqlx::Error> {
-    let body = serde_json::to_value(&out.event)
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -356,10 +354,7 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
             // Class 08: connection exception; 57P01..57P03: admin shutdown,
             // crash shutdown, cannot connect now; 40001/40P01: retry.
             let code = db.code().unwrap_or_default();
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || code == "40001"
-                || code == "40P01"
+            code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
         }
         _ => false,
     }

@@ -71,11 +71,16 @@ mod tests {
         let d = wait_for_device(&link, Duration::from_secs(5))
             .await
             .expect("appears");
-        assert_eq!(PathBuf::from(&d.path), std::fs::canonicalize(&target).expect("c"));
+        assert_eq!(
+            PathBuf::from(&d.path),
+            std::fs::canonicalize(&target).expect("c")
+        );
         assert_eq!(d.stable_path, link.display().to_string());
-        assert!(wait_for_device(&dir.path().join("nope"), Duration::from_millis(50))
-            .await
-            .is_none());
+        assert!(
+            wait_for_device(&dir.path().join("nope"), Duration::from_millis(50))
+                .await
+                .is_none()
+        );
         assert!(!wait_gone(&link, Duration::from_millis(50)).await);
         std::fs::remove_file(&link).expect("rm");
         assert!(wait_gone(&link, Duration::from_millis(50)).await);

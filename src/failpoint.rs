@@ -26,7 +26,9 @@ fn parse(spec: &str) -> HashMap<String, Action> {
             let (name, action) = item.trim().split_once('=')?;
             let action = match action.trim() {
                 "abort" => Action::Abort,
-                s => Action::Sleep(Duration::from_millis(s.strip_prefix("sleep:")?.parse().ok()?)),
+                s => Action::Sleep(Duration::from_millis(
+                    s.strip_prefix("sleep:")?.parse().ok()?,
+                )),
             };
             Some((name.trim().to_owned(), action))
         })
@@ -53,7 +55,10 @@ mod tests {
     fn parses_the_spec() {
         let t = parse("after_commit=abort; before_ack=sleep:25;bad;x=explode");
         assert_eq!(t.get("after_commit"), Some(&Action::Abort));
-        assert_eq!(t.get("before_ack"), Some(&Action::Sleep(Duration::from_millis(25))));
+        assert_eq!(
+            t.get("before_ack"),
+            Some(&Action::Sleep(Duration::from_millis(25)))
+        );
         assert_eq!(t.len(), 2);
     }
 }

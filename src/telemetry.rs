@@ -17,7 +17,11 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }

@@ -220,10 +220,9 @@ mod tests {
 
     #[test]
     fn shipped_definitions_match_the_code() {
-        let shipped: Value = serde_json::from_str(include_str!(
-            "../queue-topology/definitions.json"
-        ))
-        .expect("queue-topology/definitions.json is JSON");
+        let shipped: Value =
+            serde_json::from_str(include_str!("../queue-topology/definitions.json"))
+                .expect("queue-topology/definitions.json is JSON");
         let generated = Topology::for_host("oma-1", 10).definitions("/");
         assert_eq!(
             shipped, generated,

@@ -68,22 +68,16 @@ impl Worker {
     ))]
     pub async fn handle(&self, req: &Request) -> Settle {
         let start = db_retry("journal start", || {
-            db::start_operation(
-                &self.pool,
-                &self.host,
-                req.request_id,
-                req.op,
-                req.volume_id,
-                req.vm_id,
-                req.job_id.as_deref(),
-                &req.metadata,
-            )
+            db::start_operation(&self.pool, &self.host, req)
         })
         .await;
         let attempts = match start {
             Ok(Start::Run { attempts }) => attempts,
             Ok(Start::Done { state }) => {
-                info!(state, "request already finished; acknowledging the redelivery");
+                info!(
+                    state,
+                    "request already finished; acknowledging the redelivery"
+                );
                 return Settle::Ack;
             }
             Err(e) => {
@@ -283,7 +277,11 @@ impl Worker {
                 reply_to: req.reply_to.clone(),
             },
         };
-        match db_retry("journal finish", || db::finish_operation(&self.pool, &finish)).await {
+        match db_retry("journal finish", || {
+            db::finish_operation(&self.pool, &finish)
+        })
+        .await
+        {
             Ok(true) => {
                 info!(event.type = event_type.as_str(), "operation committed");
                 Settle::Ack
@@ -309,8 +307,10 @@ impl Worker {
                     message: msg,
                     retryable: true,
                 });
-                match db_retry("journal finish", || db::finish_operation(&self.pool, &failed))
-                    .await
+                match db_retry("journal finish", || {
+                    db::finish_operation(&self.pool, &failed)
+                })
+                .await
                 {
                     Ok(_) => Settle::Ack,
                     Err(e) => {

@@ -79,10 +79,7 @@ impl LocalBackend {
             anyhow::bail!("volume {id} does not exist under {}", data_dir.display());
         }
         if let Some(a) = read_attachment(&Self::attachment_path(data_dir, id))? {
-            anyhow::bail!(
-                "volume {id} is attached to VM {}: detach it first",
-                a.vm_id
-            );
+            anyhow::bail!("volume {id} is attached to VM {}: detach it first", a.vm_id);
         }
         std::fs::remove_file(img)?;
         Ok(())
@@ -169,8 +166,8 @@ impl Backend for LocalBackend {
             // The link is made under a temporary name and renamed, so a
             // reader never sees a half-made link.
             std::fs::create_dir_all(&self.device_dir).map_err(io)?;
-            let target = std::fs::canonicalize(Self::image_path(&self.data_dir, volume))
-                .map_err(io)?;
+            let target =
+                std::fs::canonicalize(Self::image_path(&self.data_dir, volume)).map_err(io)?;
             let link = self.link_path(volume);
             let tmp = link.with_extension("new");
             let _ = std::fs::remove_file(&tmp);
@@ -211,9 +208,7 @@ impl Backend for LocalBackend {
 /// Parses sizes such as `64MiB`, `1GiB`, `512k`, `1048576`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -225,8 +220,8 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         "g" | "gib" => 1 << 30,
         "t" | "tib" => 1 << 40,
         "kb" => 1000,
-        "mb" => 1000_000,
-        "gb" => 1000_000_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
         other => anyhow::bail!("unknown size unit {other:?} in {s:?}: use KiB, MiB, GiB or TiB"),
     };
     let bytes = n
@@ -270,7 +265,10 @@ mod tests {
             std::fs::canonicalize(LocalBackend::image_path(&data, vol)).expect("image")
         );
         assert_eq!(b.volume(vol).await.expect("state").attached_to, Some(me));
-        assert!(matches!(b.attach(vol, other).await, Err(BackendError::Permanent(_))));
+        assert!(matches!(
+            b.attach(vol, other).await,
+            Err(BackendError::Permanent(_))
+        ));
         assert!(LocalBackend::delete_volume(&data, vol).is_err());
 
         b.detach(vol, me).await.expect("detach");
@@ -280,7 +278,10 @@ mod tests {
         assert!(!link.exists(), "no local device for another VM");
         b.detach(vol, other).await.expect("detach");
         LocalBackend::delete_volume(&data, vol).expect("delete");
-        assert!(matches!(b.volume(vol).await, Err(BackendError::NotFound(_))));
+        assert!(matches!(
+            b.volume(vol).await,
+            Err(BackendError::NotFound(_))
+        ));
 
         let log = std::fs::read_to_string(LocalBackend::call_log_path(&data)).expect("log");
         assert_eq!(log.lines().count(), 4, "{log}");

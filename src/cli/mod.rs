@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "volumed", version, about = "Volume daemon for VM migrations into Apache CloudStack")]
+#[command(
+    name = "volumed",
+    version,
+    about = "Volume daemon for VM migrations into Apache CloudStack"
+)]
 pub struct Cli {
     /// Configuration file (TOML); `VOLUMED_*` environment settings override it.
     #[arg(long, global = true, env = "VOLUMED_CONFIG")]
@@ -85,12 +89,27 @@ mod tests {
             vec!["volumed", "run"],
             vec!["volumed", "config", "check"],
             vec!["volumed", "volume", "create", "--size", "64MiB"],
-            vec!["volumed", "volume", "delete", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"],
             vec![
-                "volumed", "attach", "--volume", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", "--vm",
-                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", "--wait",
+                "volumed",
+                "volume",
+                "delete",
+                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3",
             ],
-            vec!["volumed", "detach", "--volume", "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"],
+            vec![
+                "volumed",
+                "attach",
+                "--volume",
+                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3",
+                "--vm",
+                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3",
+                "--wait",
+            ],
+            vec![
+                "volumed",
+                "detach",
+                "--volume",
+                "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3",
+            ],
             vec!["volumed", "events", "--json"],
             vec!["volumed", "topology", "definitions", "--host", "oma-1"],
         ] {

@@ -1,0 +1,418 @@
+//! Test harness: every test owns a RabbitMQ vhost, a PostgreSQL database and
+//! temporary directories, and runs the real `volumed` binary against them.
+//! Nothing is shared between tests, so they run in parallel; everything is
+//! removed when the test's `Env` is dropped, even after a failure.
+//!
+//! A test that cannot reach RabbitMQ or PostgreSQL fails with the command to
+//! start them; it never skips.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use uuid::Uuid;
+use volumed::client::Client;
+use volumed::config::SecretUrl;
+use volumed::contract::Event;
+
+pub const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("rabbitmqctl not runnable ({e}); run scripts/ensure-services.sh")
+        });
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}\n(is RabbitMQ running? `rabbitmq-server -detached`)",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("psql not runnable: {e}"));
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}\n(is PostgreSQL running? `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One test's private world.
+pub struct Env {
+    pub name: String,
+    pub vhost: String,
+    pub amqp_url: SecretUrl,
+    pub db_url: SecretUrl,
+    pub dir: tempfile::TempDir,
+    pub appliance: Uuid,
+    pub pool: PgPool,
+}
+
+impl Env {
+    pub async fn new(test: &str) -> Env {
+        let name = format!("vt_{}_{}", test, &Uuid::new_v4().simple().to_string()[..8]);
+        let vhost = name.clone();
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        psql(&format!("CREATE DATABASE {name}"));
+        let amqp_url = SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"));
+        let db_url = SecretUrl::new(format!("postgres://postgres@127.0.0.1:5432/{name}"));
+        let pool = volumed::db::connect(&db_url, 4)
+            .await
+            .expect("test database reachable");
+        volumed::db::migrate(&pool).await.expect("migrations apply");
+        Env {
+            name,
+            vhost,
+            amqp_url,
+            db_url,
+            dir: tempfile::tempdir().expect("tempdir"),
+            appliance: Uuid::new_v4(),
+            pool,
+        }
+    }
+
+    pub fn data_dir(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host).join("data")
+    }
+
+    pub fn device_dir(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host).join("by-id")
+    }
+
+    /// The environment a daemon for `host` runs with.
+    pub fn daemon_env(&self, host: &str) -> Vec<(String, String)> {
+        [
+            ("VOLUMED_HOST_ID", host.to_string()),
+            ("VOLUMED_AMQP_URL", self.amqp_url.expose().to_string()),
+            ("VOLUMED_DATABASE_URL", self.db_url.expose().to_string()),
+            ("VOLUMED_BACKEND", "local".into()),
+            (
+                "VOLUMED_DATA_DIR",
+                self.data_dir(host).display().to_string(),
+            ),
+            (
+                "VOLUMED_DEVICE_DIR",
+                self.device_dir(host).display().to_string(),
+            ),
+            ("VOLUMED_APPLIANCE_VM_ID", self.appliance.to_string()),
+            ("VOLUMED_WORKERS", "4".into()),
+            ("VOLUMED_DEVICE_TIMEOUT_SECS", "10".into()),
+            ("VOLUMED_OUTBOX_POLL_MS", "200".into()),
+            ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", "20".into()),
+            (
+                "VOLUMED_LOG",
+                "info,volumed=debug,lapin=warn,sqlx=warn".into(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Starts a daemon and waits until it consumes.
+    pub fn start(&self, host: &str, extra: &[(&str, &str)]) -> Daemon {
+        let d = self.spawn(host, extra);
+        d.wait_log("consuming requests", WAIT);
+        d
+    }
+
+    /// Starts a daemon without waiting for it.
+    pub fn spawn(&self, host: &str, extra: &[(&str, &str)]) -> Daemon {
+        let mut env: HashMap<String, String> = self.daemon_env(host).into_iter().collect();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        Daemon::spawn(&["run"], &env)
+    }
+
+    /// Runs a CLI command to completion against this env's host.
+    pub fn cli(&self, host: &str, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_volumed"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.daemon_env(host))
+            .output()
+            .expect("volumed runs")
+    }
+
+    pub fn create_volume(&self, host: &str) -> Uuid {
+        volumed::backend::local::LocalBackend::create_volume(&self.data_dir(host), 4 << 20)
+            .expect("volume created")
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.amqp_url)
+            .await
+            .expect("broker reachable")
+    }
+
+    /// A durable queue bound to every event, which outlives connections
+    /// (for tests that cut the broker off).
+    pub async fn durable_event_queue(&self, name: &str) {
+        let conn = volumed::amqp::connect(&self.amqp_url, "test")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            name,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+        ch.exchange_declare(
+            volumed::topology::EVENTS_EXCHANGE,
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+        ch.queue_bind(
+            name,
+            volumed::topology::EVENTS_EXCHANGE,
+            "#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let _ = conn.close(200, "done").await;
+    }
+
+    /// Takes every message currently in a queue.
+    pub async fn drain_queue(&self, name: &str) -> Vec<lapin::message::BasicGetMessage> {
+        let conn = volumed::amqp::connect(&self.amqp_url, "test")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(name, BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            out.push(m);
+        }
+        let _ = conn.close(200, "done").await;
+        out
+    }
+
+    /// Messages ready in a queue, from the queue itself (`list_queues`
+    /// figures are periodic statistics and lag). Unacknowledged messages are
+    /// not counted: stop the consumers first to count everything.
+    pub async fn queue_depth(&self, name: &str) -> u32 {
+        let conn = volumed::amqp::connect(&self.amqp_url, "test")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = conn.close(200, "done").await;
+        q.message_count()
+    }
+
+    pub fn call_log(&self, host: &str) -> Vec<String> {
+        let p = volumed::backend::local::LocalBackend::call_log_path(&self.data_dir(host));
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Polls a SQL count until it reaches `want`.
+    pub async fn wait_count(&self, sql: &str, want: i64) {
+        let start = Instant::now();
+        loop {
+            let n: i64 = sqlx::query_scalar(sql)
+                .fetch_one(&self.pool)
+                .await
+                .expect(sql);
+            if n == want {
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "{sql}: {n}, never reached {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Synchronous and best effort: runs after a failed assertion too.
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.vhost])
+            .output();
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+/// A running `volumed` process with its log captured line by line.
+pub struct Daemon {
+    pub child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Daemon {
+    pub fn spawn(args: &[&str], env: &HashMap<String, String>) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_volumed"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("volumed starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let sink = Arc::clone(&lines);
+        let echo = std::env::var("VOLUMED_TEST_ECHO").is_ok();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[volumed] {line}");
+                }
+                let (m, cv) = &*sink;
+                m.lock().expect("log lock").push(line);
+                cv.notify_all();
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.lines.0.lock().expect("log lock").clone()
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let (m, cv) = &*self.lines;
+        let deadline = Instant::now() + timeout;
+        let mut lines = m.lock().expect("log lock");
+        loop {
+            if lines.iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = cv.wait_timeout(lines, deadline - now).expect("log lock").0;
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volumed did not exit within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Collects events until `n` distinct requests have one, then keeps
+/// listening for `grace` to catch duplicates.
+pub async fn collect_events(
+    sub: &mut volumed::client::Subscription,
+    n: usize,
+    grace: Duration,
+) -> HashMap<Uuid, Vec<Event>> {
+    let mut by_request: HashMap<Uuid, Vec<Event>> = HashMap::new();
+    let deadline = Instant::now() + WAIT;
+    while by_request.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = sub
+            .next(left)
+            .await
+            .expect("event stream")
+            .unwrap_or_else(|| panic!("only {} of {n} requests got an event", by_request.len()));
+        by_request.entry(e.request_id).or_default().push(e);
+    }
+    while let Some(e) = sub.next(grace).await.expect("event stream") {
+        by_request.entry(e.request_id).or_default().push(e);
+    }
+    by_request
+}
+
+pub fn exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}

@@ -1,0 +1,718 @@
+//! End-to-end tests of the foundation: the real binary against a real
+//! RabbitMQ and PostgreSQL, on the local backend.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{collect_events, exists, Env, WAIT};
+use serde_json::json;
+use uuid::Uuid;
+use volumed::client::Outgoing;
+use volumed::contract::{ErrorCode, EventType};
+use volumed::topology;
+
+const HOST: &str = "oma-t";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_then_detach_reports_devices_and_removes_the_link() {
+    let env = Env::new("attach").await;
+    let _d = env.start(HOST, &[]);
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+
+    let ev = client
+        .request_and_wait(Outgoing::attach(HOST, vol, env.appliance, true), WAIT)
+        .await
+        .expect("attach event");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(ev.host, HOST);
+    assert_eq!(ev.attempts, 1);
+    let dev = ev.device.expect("device paths in the event");
+    let link = env.device_dir(HOST).join(volumed::backend::by_id_name(vol));
+    assert_eq!(dev.stable_path, link.display().to_string());
+    let image = volumed::backend::local::LocalBackend::image_path(&env.data_dir(HOST), vol);
+    assert_eq!(
+        dev.path,
+        std::fs::canonicalize(image)
+            .expect("image")
+            .display()
+            .to_string()
+    );
+    let (vm, device): (Uuid, Option<String>) =
+        sqlx::query_as("SELECT vm_id, device_path FROM volume_attachments WHERE volume_id = $1")
+            .bind(vol)
+            .fetch_one(&env.pool)
+            .await
+            .expect("attachment row");
+    assert_eq!(vm, env.appliance);
+    assert_eq!(device.as_deref(), Some(dev.path.as_str()));
+
+    // Repeating the attach succeeds without a second backend call.
+    let again = client
+        .request_and_wait(Outgoing::attach(HOST, vol, env.appliance, true), WAIT)
+        .await
+        .expect("second attach");
+    assert_eq!(again.event_type, EventType::AttachSucceeded);
+
+    // Attaching it to another VM while attached here fails specifically.
+    let other = client
+        .request_and_wait(Outgoing::attach(HOST, vol, Uuid::new_v4(), true), WAIT)
+        .await
+        .expect("conflicting attach");
+    assert_eq!(other.event_type, EventType::AttachFailed);
+    let err = other.error.expect("error");
+    assert_eq!(err.code, ErrorCode::VolumeAttachedElsewhere);
+    assert!(!err.retryable);
+
+    let ev = client
+        .request_and_wait(Outgoing::detach(HOST, vol, None), WAIT)
+        .await
+        .expect("detach event");
+    assert_eq!(ev.event_type, EventType::DetachSucceeded, "{ev:?}");
+    assert!(!exists(&link), "by-id link removed");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM volume_attachments")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0);
+
+    // Detaching again is a success without effect; attaching to another VM
+    // records the attachment and makes no local device.
+    let ev = client
+        .request_and_wait(Outgoing::detach(HOST, vol, None), WAIT)
+        .await
+        .expect("second detach");
+    assert_eq!(ev.event_type, EventType::DetachSucceeded);
+    let failover = Uuid::new_v4();
+    let ev = client
+        .request_and_wait(Outgoing::attach(HOST, vol, failover, true), WAIT)
+        .await
+        .expect("failover attach");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    assert_eq!(ev.device, None);
+    assert!(!exists(&link));
+    let ev = client
+        .request_and_wait(Outgoing::detach(HOST, vol, Some(env.appliance)), WAIT)
+        .await
+        .expect("guarded detach");
+    assert_eq!(ev.event_type, EventType::DetachFailed);
+    assert_eq!(
+        ev.error.expect("error").code,
+        ErrorCode::VolumeAttachedElsewhere
+    );
+
+    assert_eq!(
+        env.call_log(HOST),
+        vec![
+            format!("attach {vol} {}", env.appliance),
+            format!("detach {vol} {}", env.appliance),
+            format!("attach {vol} {failover}"),
+        ]
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_requests_over_ten_volumes_keep_order_and_get_one_event_each() {
+    let env = Env::new("burst").await;
+    let _d = env.start(HOST, &[("VOLUMED_WORKERS", "4")]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vols: Vec<Uuid> = (0..10).map(|_| env.create_volume(HOST)).collect();
+
+    // Per volume: attach, detach, attach, detach, attach, published by one
+    // task per volume, all tasks at once.
+    let mut tasks = Vec::new();
+    for &vol in &vols {
+        let url = env.amqp_url.clone();
+        let vm = env.appliance;
+        tasks.push(tokio::spawn(async move {
+            let c = volumed::client::Client::connect(&url)
+                .await
+                .expect("connect");
+            let mut ids = Vec::new();
+            for i in 0..5 {
+                let req = if i % 2 == 0 {
+                    Outgoing::attach(HOST, vol, vm, true)
+                } else {
+                    Outgoing::detach(HOST, vol, None)
+                };
+                c.publish(&req).await.expect("publish");
+                ids.push(req.request_id);
+            }
+            c.close().await;
+            (vol, ids)
+        }));
+    }
+    let mut order: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for t in tasks {
+        let (vol, ids) = t.await.expect("publisher");
+        order.insert(vol, ids);
+    }
+
+    let events = collect_events(&mut sub, 50, Duration::from_secs(1)).await;
+    assert_eq!(events.len(), 50);
+    for (id, evs) in &events {
+        assert_eq!(evs.len(), 1, "request {id} got {} events", evs.len());
+        assert!(evs[0].event_type.succeeded(), "{:?}", evs[0]);
+    }
+    // Commit order per volume equals publish order.
+    for (vol, ids) in &order {
+        let committed: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT o.request_id FROM outbox o JOIN operations p USING (request_id)
+              WHERE p.volume_id = $1 ORDER BY o.id",
+        )
+        .bind(vol)
+        .fetch_all(&env.pool)
+        .await
+        .expect("outbox order");
+        assert_eq!(&committed, ids, "volume {vol}");
+    }
+    // The backend saw exactly the alternating sequence for every volume.
+    let log = env.call_log(HOST);
+    for vol in &vols {
+        let ops: Vec<&str> = log
+            .iter()
+            .filter(|l| l.contains(&vol.to_string()))
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            ops,
+            ["attach", "detach", "attach", "detach", "attach"],
+            "volume {vol}"
+        );
+    }
+    client.close().await;
+}
+
+/// Stops a daemon gracefully (which flushes its outbox) and checks it
+/// exited 0.
+fn stop(d: &mut common::Daemon) {
+    d.sigterm();
+    let status = d.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log().join("\n")
+    );
+}
+
+/// Waits for the event of a request on the same volume published after
+/// `request`: lanes keep per-volume order and the relay publishes in commit
+/// order, so any duplicate event of `request` would have arrived before it.
+async fn sentinel(env: &Env, sub: &mut volumed::client::Subscription, vol: Uuid) -> Vec<Uuid> {
+    let client = env.client().await;
+    let probe = Outgoing::detach(HOST, vol, Some(Uuid::new_v4()));
+    client.publish(&probe).await.expect("publish sentinel");
+    let mut seen = Vec::new();
+    loop {
+        let e = sub
+            .next(WAIT)
+            .await
+            .expect("events")
+            .expect("sentinel event arrives");
+        if e.request_id == probe.request_id {
+            break;
+        }
+        seen.push(e.request_id);
+    }
+    client.close().await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_twice_has_one_effect_and_one_event() {
+    let env = Env::new("dup").await;
+    let _d = env.start(HOST, &[]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vol = env.create_volume(HOST);
+    let req = Outgoing::attach(HOST, vol, env.appliance, true);
+    client.publish(&req).await.expect("first");
+    client.publish(&req).await.expect("second, same message id");
+
+    let mut seen = sentinel(&env, &mut sub, vol).await;
+    seen.retain(|id| *id == req.request_id);
+    assert_eq!(seen.len(), 1, "exactly one event for the request");
+    assert_eq!(
+        env.call_log(HOST).len(),
+        1,
+        "one backend call: {:?}",
+        env.call_log(HOST)
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE request_id = $1")
+        .bind(req.request_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(events, 1);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_commit_and_ack_neither_repeats_nor_loses_anything() {
+    let env = Env::new("crash").await;
+    let client = env.client().await;
+    // The durable queue keeps events published by the first daemon before
+    // it died, so the test sees every event ever published.
+    env.durable_event_queue("test.events").await;
+    let vol = env.create_volume(HOST);
+
+    let mut d = env.start(HOST, &[("VOLUMED_FAILPOINTS", "after_commit=abort")]);
+    let req = Outgoing::attach(HOST, vol, env.appliance, true);
+    client.publish(&req).await.expect("publish");
+    let status = d.wait_exit(WAIT);
+    assert!(!status.success(), "the failpoint aborted the daemon");
+    // Committed, but the message was never acknowledged.
+    let state: String = sqlx::query_scalar("SELECT state FROM operations WHERE request_id = $1")
+        .bind(req.request_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("journal row");
+    assert_eq!(state, "succeeded");
+    assert_eq!(
+        env.queue_depth(&topology::request_queue(HOST)).await,
+        1,
+        "still queued"
+    );
+
+    let mut d2 = env.start(HOST, &[]);
+    d2.wait_log("request already finished", WAIT);
+    env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
+        .await;
+    stop(&mut d2);
+    assert_eq!(
+        env.queue_depth(&topology::request_queue(HOST)).await,
+        0,
+        "acknowledged"
+    );
+
+    let got = env.drain_queue("test.events").await;
+    let ids: Vec<Uuid> = got
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<volumed::contract::Event>(&m.delivery.data)
+                .expect("event")
+                .request_id
+        })
+        .collect();
+    assert_eq!(ids, vec![req.request_id], "one event, not repeated");
+    assert_eq!(
+        env.call_log(HOST).len(),
+        1,
+        "one attach: {:?}",
+        env.call_log(HOST)
+    );
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM operations WHERE request_id = $1")
+        .bind(req.request_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("attempts");
+    assert_eq!(
+        attempts, 1,
+        "the redelivery did not run the operation again"
+    );
+    client.close().await;
+}
+
+/// A refused message: body, message id, the reason expected in the dead
+/// letter, and the failed event expected (when the request can be named).
+type BadCase = (Vec<u8>, Option<Uuid>, ErrorCode, Option<EventType>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving() {
+    let env = Env::new("badinput").await;
+    let d = env.start(HOST, &[("VOLUMED_MAX_MESSAGE_BYTES", "4096")]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vol = Uuid::new_v4();
+
+    // (body, message id, expected reason, expected failed event type)
+    let id = || Uuid::new_v4();
+    let cases: Vec<BadCase> = vec![
+        (
+            b"{not json".to_vec(),
+            Some(id()),
+            ErrorCode::MalformedBody,
+            None,
+        ),
+        (
+            json!({"op": "attach", "volume_id": vol})
+                .to_string()
+                .into_bytes(),
+            Some(id()),
+            ErrorCode::MissingField,
+            Some(EventType::AttachFailed),
+        ),
+        (
+            json!({"op": "detach", "volume_id": "not-a-uuid"})
+                .to_string()
+                .into_bytes(),
+            Some(id()),
+            ErrorCode::InvalidField,
+            Some(EventType::DetachFailed),
+        ),
+        (
+            json!({"op": "format", "volume_id": vol})
+                .to_string()
+                .into_bytes(),
+            Some(id()),
+            ErrorCode::UnknownOp,
+            None,
+        ),
+        (
+            json!({"op": "detach", "volume_id": vol, "pad": "x".repeat(5000)})
+                .to_string()
+                .into_bytes(),
+            Some(id()),
+            ErrorCode::MessageTooLarge,
+            None,
+        ),
+        (
+            json!({"op": "detach", "volume_id": vol})
+                .to_string()
+                .into_bytes(),
+            None,
+            ErrorCode::MissingField,
+            None,
+        ),
+    ];
+    for (body, mid, _, _) in &cases {
+        client
+            .publish_raw(HOST, body, *mid, None)
+            .await
+            .expect("publish");
+    }
+
+    // Every case is dead-lettered with its reason.
+    let dead_q = topology::dead_queue(HOST);
+    let start = std::time::Instant::now();
+    while env.queue_depth(&dead_q).await < cases.len() as u32 {
+        assert!(start.elapsed() < WAIT, "dead letters missing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dead = env.drain_queue(&dead_q).await;
+    assert_eq!(dead.len(), cases.len());
+    for (i, (body, mid, code, _)) in cases.iter().enumerate() {
+        let m = dead
+            .iter()
+            .find(|m| {
+                m.delivery.data == *body
+                    && m.delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        == mid.map(|u| u.to_string())
+            })
+            .unwrap_or_else(|| panic!("case {i} not dead-lettered"));
+        let headers = m.delivery.properties.headers().clone().expect("headers");
+        let reason = headers
+            .inner()
+            .get(volumed::consumer::REASON_HEADER)
+            .and_then(|v| v.as_long_string())
+            .map(|s| s.to_string());
+        assert_eq!(reason.as_deref(), Some(code.as_str()), "case {i}");
+        assert!(headers
+            .inner()
+            .contains_key(volumed::consumer::ERROR_HEADER));
+    }
+
+    // Where the request could be named, a failed event with the code.
+    let with_events = cases.iter().filter(|c| c.3.is_some()).count();
+    let events = collect_events(&mut sub, with_events, Duration::from_millis(300)).await;
+    assert_eq!(events.len(), with_events, "no event for an unnamed request");
+    for (_, mid, code, typ) in &cases {
+        let Some(typ) = typ else { continue };
+        let rid = mid.expect("cases with events have ids");
+        let evs = &events[&rid];
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].event_type, *typ);
+        assert_eq!(evs[0].error.as_ref().expect("error").code, *code);
+    }
+    // The refusals were logged once each, with the message id.
+    let log = d.log();
+    for (_, mid, _, _) in &cases {
+        if let Some(mid) = mid {
+            let n = log
+                .iter()
+                .filter(|l| l.contains("refused a request") && l.contains(&mid.to_string()))
+                .count();
+            assert_eq!(n, 1, "logged once: {mid}");
+        }
+    }
+
+    // And the daemon still serves.
+    let vol = env.create_volume(HOST);
+    let ev = client
+        .request_and_wait(Outgoing::attach(HOST, vol, env.appliance, false), WAIT)
+        .await
+        .expect("still serving");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_keeps_events_while_the_broker_is_away() {
+    let env = Env::new("outage").await;
+    env.durable_event_queue("test.events").await;
+    // A slow backend keeps the operations in flight while the broker goes.
+    let mut d = env.start(
+        HOST,
+        &[
+            ("VOLUMED_LOCAL_LATENCY_MS", "1500"),
+            ("VOLUMED_WORKERS", "8"),
+        ],
+    );
+    let client = env.client().await;
+    let vols: Vec<Uuid> = (0..5).map(|_| env.create_volume(HOST)).collect();
+    let mut ids = Vec::new();
+    for &v in &vols {
+        let r = Outgoing::attach(HOST, v, env.appliance, true);
+        client.publish(&r).await.expect("publish");
+        ids.push(r.request_id);
+    }
+    client.close().await;
+    env.wait_count("SELECT count(*) FROM operations WHERE state = 'running'", 5)
+        .await;
+
+    // The broker goes away for this vhost: connections closed, and new ones
+    // refused until permissions return.
+    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
+    common::rabbitmqctl(&[
+        "close_all_connections",
+        "--vhost",
+        &env.vhost,
+        "test outage",
+    ]);
+
+    // The operations still finish, and their events wait in the outbox.
+    env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 5)
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // a few relay polls
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(pending, 5, "nothing marked sent while the broker is away");
+
+    common::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
+        .await;
+    // The unacknowledged requests come back and are recognised as done.
+    let start = std::time::Instant::now();
+    while d
+        .log()
+        .iter()
+        .filter(|l| l.contains("request already finished"))
+        .count()
+        < 5
+    {
+        assert!(start.elapsed() < WAIT, "redeliveries not recognised");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(&mut d);
+    assert_eq!(env.queue_depth(&topology::request_queue(HOST)).await, 0);
+    let got = env.drain_queue("test.events").await;
+    let mut seen: Vec<Uuid> = got
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<volumed::contract::Event>(&m.delivery.data)
+                .expect("event")
+                .request_id
+        })
+        .collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "each request exactly one event");
+    assert_eq!(env.call_log(HOST).len(), 5, "no attach repeated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_exits_zero_and_loses_nothing() {
+    let env = Env::new("sigterm").await;
+    env.durable_event_queue("test.events").await;
+    let mut d = env.start(HOST, &[("VOLUMED_LOCAL_LATENCY_MS", "100")]);
+    let client = env.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let r = Outgoing::attach(HOST, env.create_volume(HOST), env.appliance, true);
+        client.publish(&r).await.expect("publish");
+        ids.push(r.request_id);
+    }
+    env.wait_count("SELECT count(*) FROM LEAST(5, (SELECT count(*) FROM operations WHERE state <> 'running')) AS n(n) WHERE n = 5", 1).await;
+    d.sigterm();
+    let status = d.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log().join("\n")
+    );
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(unsent, 0, "the outbox was flushed before exit");
+
+    // What was not taken is still queued; a new daemon finishes it.
+    let mut d2 = env.start(HOST, &[]);
+    env.wait_count(
+        "SELECT count(*) FROM operations WHERE state <> 'running'",
+        40,
+    )
+    .await;
+    stop(&mut d2);
+    assert_eq!(env.queue_depth(&topology::request_queue(HOST)).await, 0);
+    let got = env.drain_queue("test.events").await;
+    let mut seen: Vec<Uuid> = got
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<volumed::contract::Event>(&m.delivery.data)
+                .expect("event")
+                .request_id
+        })
+        .collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every request exactly one event");
+    assert_eq!(env.call_log(HOST).len(), 40);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_serve_only_their_own_host() {
+    let env = Env::new("twohosts").await;
+    let _a = env.start("oma-a", &[]);
+    let _b = env.start("oma-b", &[]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let mut expected = HashMap::new();
+    for host in ["oma-a", "oma-b"] {
+        for _ in 0..5 {
+            let r = Outgoing::attach(host, env.create_volume(host), env.appliance, true);
+            client.publish(&r).await.expect("publish");
+            expected.insert(r.request_id, host);
+        }
+    }
+    let events = collect_events(&mut sub, 10, Duration::from_millis(500)).await;
+    for (id, evs) in &events {
+        assert_eq!(evs.len(), 1);
+        let host = expected[id];
+        assert_eq!(evs[0].host, host, "published by the host that did the work");
+        assert_eq!(
+            evs[0].event_type,
+            EventType::AttachSucceeded,
+            "{:?}",
+            evs[0]
+        );
+        let journal_host: String =
+            sqlx::query_scalar("SELECT host FROM operations WHERE request_id = $1")
+                .bind(id)
+                .fetch_one(&env.pool)
+                .await
+                .expect("journal");
+        assert_eq!(journal_host, host);
+    }
+    // Each backend saw only its own host's volumes.
+    assert_eq!(env.call_log("oma-a").len(), 5);
+    assert_eq!(env.call_log("oma-b").len(), 5);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_file_imports_and_a_conflicting_queue_stops_the_daemon() {
+    let env = Env::new("topology").await;
+    // The shipped definitions, pointed at this test's vhost, import cleanly,
+    // and the daemon then finds exactly what it declares.
+    let doc = volumed::topology::Topology::for_host(HOST, 10).definitions(&env.vhost);
+    let file = env.dir.path().join("defs.json");
+    std::fs::write(&file, doc.to_string()).expect("write");
+    common::rabbitmqctl(&["import_definitions", file.to_str().expect("utf-8 path")]);
+    let mut d = env.start(HOST, &[]);
+    d.sigterm();
+    assert!(d.wait_exit(WAIT).success());
+
+    // A different delivery limit conflicts with the existing queue: the
+    // daemon refuses to start and says why.
+    let mut d = env.spawn(HOST, &[("VOLUMED_DELIVERY_LIMIT", "3")]);
+    let status = d.wait_exit(WAIT);
+    assert!(!status.success());
+    d.wait_log("PRECONDITION_FAILED", Duration::from_secs(5));
+    d.wait_log("VOLUMED_DELIVERY_LIMIT", Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
+    let env = Env::new("cli").await;
+    let _d = env.start(HOST, &[]);
+    let out = env.cli(HOST, &["volume", "create", "--size", "1MiB"]);
+    assert!(out.status.success());
+    let vol = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let vm = env.appliance.to_string();
+    let out = env.cli(
+        HOST,
+        &[
+            "attach",
+            "--volume",
+            &vol,
+            "--vm",
+            &vm,
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev: serde_json::Value = serde_json::from_slice(&out.stdout).expect("event JSON");
+    assert_eq!(ev["type"], "volume.attach.succeeded");
+    // A failed operation exits 1.
+    let out = env.cli(
+        HOST,
+        &[
+            "attach",
+            "--volume",
+            &vol,
+            "--vm",
+            &Uuid::new_v4().to_string(),
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli(HOST, &["detach", "--volume", &vol, "--wait"]);
+    assert!(out.status.success());
+    let out = env.cli(HOST, &["volume", "delete", &vol]);
+    assert!(out.status.success());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_volumed"))
+        .args(["config", "check"])
+        .env("VOLUMED_HOST_ID", "x")
+        .env("VOLUMED_AMQP_URL", "amqp://u:topsecret@h/%2f")
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("VOLUMED_AMQP_URL = amqp://u:****@h/%2f"),
+        "{text}"
+    );
+    assert!(!text.contains("topsecret"));
+}
+
+use std::process::Command;
