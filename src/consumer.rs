@@ -145,10 +145,18 @@ impl Consumer {
                     },
                     move |job: Job| {
                         let me = Arc::clone(&me);
+                        // The span covers the settle too, so the ack's log
+                        // lines carry the ids like the operation's do.
+                        let span = info_span!("message",
+                            message.id = %job.request.request_id,
+                            request.id = %job.request.request_id,
+                            volume.id = %job.request.volume_id,
+                            host = %me.config.host_id);
                         async move {
                             let settle = me.worker.handle(&job.request).await;
                             settle_job(&job, settle).await;
                         }
+                        .instrument(span)
                     },
                 );
             }

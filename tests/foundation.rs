@@ -716,3 +716,45 @@ async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
 }
 
 use std::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
+    let env = Env::new("poll").await;
+    let _d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "300")]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    // A row committed without NOTIFY, as if the notification were lost.
+    let event = volumed::contract::Event {
+        event_id: Uuid::new_v4(),
+        event_type: EventType::DetachSucceeded,
+        request_id: Uuid::new_v4(),
+        host: HOST.into(),
+        volume_id: Some(Uuid::new_v4()),
+        vm_id: None,
+        occurred_at: chrono::Utc::now(),
+        device: None,
+        export: None,
+        error: None,
+        attempts: 1,
+    };
+    sqlx::query(
+        "INSERT INTO outbox (event_id, request_id, host, routing_key, body)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(event.event_id)
+    .bind(event.request_id)
+    .bind(HOST)
+    .bind(event.event_type.as_str())
+    .bind(serde_json::to_value(&event).expect("json"))
+    .execute(&env.pool)
+    .await
+    .expect("insert");
+    let got = sub
+        .wait_for(event.request_id, WAIT)
+        .await
+        .expect("published by the poll");
+    assert_eq!(got, event);
+    env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
+        .await;
+    client.close().await;
+}
