@@ -89,6 +89,47 @@ pub struct Config {
     pub delivery_limit: u32,
     pub local_latency: Duration,
     pub log_format: LogFormat,
+    pub nbd: NbdConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdEngineKind {
+    Nbdkit,
+    NbdServer,
+}
+
+impl NbdEngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NbdEngineKind::Nbdkit => "nbdkit",
+            NbdEngineKind::NbdServer => "nbd-server",
+        }
+    }
+}
+
+/// NBD export settings (`VOLUMED_NBD_*`).
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    pub engine: NbdEngineKind,
+    /// nbdkit: the export directory; nbd-server: the base configuration file.
+    pub config: PathBuf,
+    pub port: u16,
+    pub listen: String,
+    /// nbd-server: the client addresses written into each export's authfile.
+    pub allow: Vec<String>,
+    /// Whether volumed starts, restarts and stops the server itself.
+    pub manage: bool,
+    pub pidfile: PathBuf,
+    /// nbdkit: a TLS pre-shared-keys file; TLS is then required.
+    pub tls_psk: Option<PathBuf>,
+    /// How long the export manager waits for more changes to batch them
+    /// under one lock hold and one reload.
+    pub batch_window: Duration,
+    /// Deadline of one live check.
+    pub check_timeout: Duration,
+    /// How long a detach waits for clients still connected to a withdrawn
+    /// export to disconnect before it fails with `export_busy`.
+    pub drain_timeout: Duration,
 }
 
 /// The file form: every field optional, unknown keys refused so a typo is
@@ -112,6 +153,17 @@ struct FileConfig {
     delivery_limit: Option<u64>,
     local_latency_ms: Option<u64>,
     log_format: Option<String>,
+    nbd_engine: Option<String>,
+    nbd_config: Option<PathBuf>,
+    nbd_port: Option<u64>,
+    nbd_listen: Option<String>,
+    nbd_allow: Option<Vec<String>>,
+    nbd_manage: Option<bool>,
+    nbd_pidfile: Option<PathBuf>,
+    nbd_tls_psk: Option<PathBuf>,
+    nbd_batch_window_ms: Option<u64>,
+    nbd_check_timeout_secs: Option<u64>,
+    nbd_drain_timeout_secs: Option<u64>,
 }
 
 /// Where the file is looked for when neither `--config` nor
@@ -137,6 +189,17 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_DELIVERY_LIMIT",
     "VOLUMED_LOCAL_LATENCY_MS",
     "VOLUMED_LOG_FORMAT",
+    "VOLUMED_NBD_ENGINE",
+    "VOLUMED_NBD_CONFIG",
+    "VOLUMED_NBD_PORT",
+    "VOLUMED_NBD_LISTEN",
+    "VOLUMED_NBD_ALLOW",
+    "VOLUMED_NBD_MANAGE",
+    "VOLUMED_NBD_PIDFILE",
+    "VOLUMED_NBD_TLS_PSK",
+    "VOLUMED_NBD_BATCH_WINDOW_MS",
+    "VOLUMED_NBD_CHECK_TIMEOUT_SECS",
+    "VOLUMED_NBD_DRAIN_TIMEOUT_SECS",
 ];
 
 impl Config {
@@ -239,15 +302,83 @@ impl Config {
             &["postgres", "postgresql"],
         )?;
 
+        let data_dir = s("VOLUMED_DATA_DIR", None)
+            .map(PathBuf::from)
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/volumed"));
+        let nbd = {
+            let engine = match s("VOLUMED_NBD_ENGINE", file.nbd_engine).as_deref() {
+                None | Some("nbdkit") => NbdEngineKind::Nbdkit,
+                Some("nbd-server") => NbdEngineKind::NbdServer,
+                Some(other) => bail!(
+                    "VOLUMED_NBD_ENGINE={other:?} is not an engine: use \"nbdkit\" or \"nbd-server\""
+                ),
+            };
+            let port = n("VOLUMED_NBD_PORT", file.nbd_port)?.unwrap_or(10809);
+            if !(1..=65535).contains(&port) {
+                bail!("VOLUMED_NBD_PORT={port} is not a TCP port");
+            }
+            let listen = s("VOLUMED_NBD_LISTEN", file.nbd_listen).unwrap_or_else(|| "127.0.0.1".into());
+            if listen.parse::<std::net::IpAddr>().is_err() {
+                bail!("VOLUMED_NBD_LISTEN={listen:?} is not an IP address");
+            }
+            let allow: Vec<String> = match env("VOLUMED_NBD_ALLOW") {
+                Some(v) => v.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect(),
+                None => file.nbd_allow.unwrap_or_else(|| vec!["127.0.0.1".into()]),
+            };
+            for a in &allow {
+                validate_allow(a)?;
+            }
+            let manage = match env("VOLUMED_NBD_MANAGE") {
+                Some(v) => match v.as_str() {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => bail!("VOLUMED_NBD_MANAGE={v:?} is not a boolean: use true or false"),
+                },
+                None => file.nbd_manage.unwrap_or(true),
+            };
+            let default_config = match engine {
+                NbdEngineKind::Nbdkit => data_dir.join("exports"),
+                NbdEngineKind::NbdServer => data_dir.join("nbd-server").join("config"),
+            };
+            let config = s("VOLUMED_NBD_CONFIG", None)
+                .map(PathBuf::from)
+                .or(file.nbd_config)
+                .unwrap_or(default_config);
+            if !config.is_absolute() {
+                bail!("VOLUMED_NBD_CONFIG={} must be an absolute path", config.display());
+            }
+            let pidfile = s("VOLUMED_NBD_PIDFILE", None)
+                .map(PathBuf::from)
+                .or(file.nbd_pidfile)
+                .unwrap_or_else(|| data_dir.join(format!("{}.pid", engine.as_str())));
+            let tls_psk = s("VOLUMED_NBD_TLS_PSK", None)
+                .map(PathBuf::from)
+                .or(file.nbd_tls_psk);
+            if tls_psk.is_some() && engine == NbdEngineKind::NbdServer {
+                bail!("VOLUMED_NBD_TLS_PSK applies to the nbdkit engine only");
+            }
+            NbdConfig {
+                engine,
+                config,
+                port: port as u16,
+                listen,
+                allow,
+                manage,
+                pidfile,
+                tls_psk,
+                batch_window: millis("VOLUMED_NBD_BATCH_WINDOW_MS", file.nbd_batch_window_ms, 50)?,
+                check_timeout: secs("VOLUMED_NBD_CHECK_TIMEOUT_SECS", file.nbd_check_timeout_secs, 10)?,
+                drain_timeout: secs("VOLUMED_NBD_DRAIN_TIMEOUT_SECS", file.nbd_drain_timeout_secs, 30)?,
+            }
+        };
+
         Ok(Config {
             host_id,
             amqp_url,
             database_url,
             backend,
-            data_dir: s("VOLUMED_DATA_DIR", None)
-                .map(PathBuf::from)
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/volumed")),
+            data_dir,
             device_dir: s("VOLUMED_DEVICE_DIR", None)
                 .map(PathBuf::from)
                 .or(file.device_dir)
@@ -267,6 +398,7 @@ impl Config {
             delivery_limit: delivery_limit as u32,
             local_latency: millis("VOLUMED_LOCAL_LATENCY_MS", file.local_latency_ms, 0)?,
             log_format,
+            nbd,
         })
     }
 
@@ -352,6 +484,26 @@ pub fn validate_host_id(h: &str) -> Result<()> {
     Ok(())
 }
 
+/// An authfile line for nbd-server: an IPv4/IPv6 address with an optional
+/// prefix length. Anything else could smuggle text into the file.
+fn validate_allow(a: &str) -> Result<()> {
+    let (addr, prefix) = match a.split_once('/') {
+        Some((addr, p)) => (addr, Some(p)),
+        None => (a, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .with_context(|| format!("VOLUMED_NBD_ALLOW entry {a:?} is not an IP address"))?;
+    if let Some(p) = prefix {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match p.parse::<u8>() {
+            Ok(n) if n <= max => {}
+            _ => bail!("VOLUMED_NBD_ALLOW entry {a:?} has an invalid prefix length"),
+        }
+    }
+    Ok(())
+}
+
 fn check_url(u: &SecretUrl, name: &str, schemes: &[&str]) -> Result<()> {
     match url::Url::parse(u.expose()) {
         Ok(parsed) if schemes.contains(&parsed.scheme()) => Ok(()),
@@ -414,6 +566,12 @@ mod tests {
             ("VOLUMED_APPLIANCE_VM_ID", "vm-1"),
             ("VOLUMED_HOST_ID", "a/b"),
             ("VOLUMED_AMQP_URL", "http://x"),
+            ("VOLUMED_NBD_ENGINE", "qemu"),
+            ("VOLUMED_NBD_PORT", "70000"),
+            ("VOLUMED_NBD_LISTEN", "localhost; rm"),
+            ("VOLUMED_NBD_ALLOW", "10.0.0.0/8,evil\nline"),
+            ("VOLUMED_NBD_MANAGE", "perhaps"),
+            ("VOLUMED_NBD_CONFIG", "relative/path"),
         ] {
             let err = load(&[(k, v)]).expect_err(k).to_string();
             assert!(err.contains(k), "{k}: {err}");

@@ -93,6 +93,13 @@ pub enum ErrorCode {
     /// The backend attached the volume but its block device did not appear
     /// in time.
     DeviceTimeout,
+    /// The NBD export could not be made, verified or withdrawn.
+    ExportFailed,
+    /// Clients are still connected to the export being withdrawn; the
+    /// export refuses new connections and the volume stays attached.
+    ExportBusy,
+    /// The device path or export name failed validation.
+    InvalidExport,
     /// The backend failed in a way that may pass (I/O error, timeout).
     BackendUnavailable,
     /// The backend refused the operation for good.
@@ -112,6 +119,9 @@ impl ErrorCode {
             ErrorCode::VolumeNotFound => "volume_not_found",
             ErrorCode::VolumeAttachedElsewhere => "volume_attached_elsewhere",
             ErrorCode::DeviceTimeout => "device_timeout",
+            ErrorCode::ExportFailed => "export_failed",
+            ErrorCode::ExportBusy => "export_busy",
+            ErrorCode::InvalidExport => "invalid_export",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::BackendRejected => "backend_rejected",
             ErrorCode::Internal => "internal",
@@ -122,7 +132,11 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::DeviceTimeout | ErrorCode::BackendUnavailable | ErrorCode::Internal
+            ErrorCode::DeviceTimeout
+                | ErrorCode::BackendUnavailable
+                | ErrorCode::ExportFailed
+                | ErrorCode::ExportBusy
+                | ErrorCode::Internal
         )
     }
 }

@@ -15,6 +15,7 @@ use crate::config::{BackendKind, Config};
 use crate::consumer::{Consumer, Stopped};
 use crate::db;
 use crate::dispatcher::Dispatcher;
+use crate::nbd::manager::Exports;
 use crate::relay::Relay;
 use crate::worker::Worker;
 
@@ -46,6 +47,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
     db::migrate(&pool).await?;
 
+    let stop_exports = CancellationToken::new();
+    let (exports, exports_task) =
+        Exports::start(&config.nbd, &config.host_id, pool.clone(), stop_exports.clone());
     let worker = Arc::new(Worker {
         host: config.host_id.clone(),
         appliance_vm,
@@ -53,6 +57,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pool: pool.clone(),
         device_dir: config.device_dir.clone(),
         device_timeout: config.device_timeout,
+        exports,
     });
     let dispatcher = Arc::new(Dispatcher::new(config.workers));
     let consumer = Arc::new(Consumer {
@@ -145,6 +150,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             relay_task.abort();
             warn!("outbox flush timed out; remaining events are published at the next start");
         }
+    }
+    // 4. The export manager last: operations above may still have needed
+    //    it. A managed NBD server stops with it.
+    stop_exports.cancel();
+    if let Err(e) = exports_task.await {
+        warn!(cause = %e, "export manager ended abnormally");
     }
     match db::outbox_backlog(&pool, &config.host_id).await {
         Ok((0, _)) => {}

@@ -110,10 +110,21 @@ pub enum AttachmentChange {
         vm_id: Uuid,
         device_path: Option<String>,
         stable_path: Option<String>,
+        /// The export made for it, recorded with the attachment.
+        export: Option<NewExport>,
     },
     Remove {
         volume_id: Uuid,
     },
+}
+
+/// An export to record.
+#[derive(Debug, Clone)]
+pub struct NewExport {
+    pub name: String,
+    pub engine: &'static str,
+    pub port: u16,
+    pub metadata: serde_json::Value,
 }
 
 /// An outbox row to write with the terminal state.
@@ -196,6 +207,7 @@ async fn apply_change(
             vm_id,
             device_path,
             stable_path,
+            export,
         } => {
             // A device path recorded for another volume is stale by
             // definition (the kernel recycled the name): the backend has
@@ -228,8 +240,35 @@ async fn apply_change(
             .bind(request_id)
             .execute(&mut **tx)
             .await?;
+            if let (Some(e), Some(dev), Some(stable)) = (export, device_path, stable_path) {
+                sqlx::query(
+                    "INSERT INTO nbd_exports (export_name, volume_id, host, engine, device_path,
+                                              stable_path, port, request_id, metadata)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (export_name) DO UPDATE
+                        SET host = EXCLUDED.host, engine = EXCLUDED.engine,
+                            device_path = EXCLUDED.device_path,
+                            stable_path = EXCLUDED.stable_path, port = EXCLUDED.port,
+                            request_id = EXCLUDED.request_id, metadata = EXCLUDED.metadata",
+                )
+                .bind(&e.name)
+                .bind(volume_id)
+                .bind(host)
+                .bind(e.engine)
+                .bind(dev)
+                .bind(stable)
+                .bind(i32::from(e.port))
+                .bind(request_id)
+                .bind(&e.metadata)
+                .execute(&mut **tx)
+                .await?;
+            }
         }
         AttachmentChange::Remove { volume_id } => {
+            sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
+                .bind(volume_id)
+                .execute(&mut **tx)
+                .await?;
             sqlx::query("DELETE FROM volume_attachments WHERE volume_id = $1")
                 .bind(volume_id)
                 .execute(&mut **tx)
@@ -358,4 +397,77 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// One recorded export.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExportRow {
+    pub export_name: String,
+    pub volume_id: Uuid,
+    pub host: String,
+    pub engine: String,
+    pub device_path: String,
+    pub stable_path: String,
+    pub port: i32,
+    pub request_id: Uuid,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The exports recorded for a host (every host when `host` is `None`).
+pub async fn exports(pool: &PgPool, host: Option<&str>) -> Result<Vec<ExportRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT export_name, volume_id, host, engine, device_path, stable_path, port, request_id,
+                metadata, created_at
+           FROM nbd_exports WHERE $1::text IS NULL OR host = $1 ORDER BY export_name",
+    )
+    .bind(host)
+    .fetch_all(pool)
+    .await
+}
+
+/// Export engine counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct NbdStats {
+    pub reloads: i64,
+    pub restarts: i64,
+    pub crashes: i64,
+    pub changes: i64,
+}
+
+pub async fn bump_nbd_stats(
+    pool: &PgPool,
+    host: &str,
+    engine: &str,
+    by: &NbdStats,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO nbd_stats (host, engine, reloads, restarts, crashes, changes)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (host, engine) DO UPDATE
+            SET reloads = nbd_stats.reloads + EXCLUDED.reloads,
+                restarts = nbd_stats.restarts + EXCLUDED.restarts,
+                crashes = nbd_stats.crashes + EXCLUDED.crashes,
+                changes = nbd_stats.changes + EXCLUDED.changes,
+                updated_at = now()",
+    )
+    .bind(host)
+    .bind(engine)
+    .bind(by.reloads)
+    .bind(by.restarts)
+    .bind(by.crashes)
+    .bind(by.changes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn nbd_stats(pool: &PgPool, host: &str) -> Result<Option<NbdStats>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT reloads, restarts, crashes, changes FROM nbd_stats WHERE host = $1
+          ORDER BY updated_at DESC LIMIT 1",
+    )
+    .bind(host)
+    .fetch_optional(pool)
+    .await
 }

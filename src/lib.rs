@@ -15,6 +15,7 @@ pub mod db;
 pub mod device;
 pub mod dispatcher;
 pub mod failpoint;
+pub mod nbd;
 pub mod relay;
 pub mod telemetry;
 pub mod topology;

@@ -3,7 +3,7 @@
 //! the broker; it returns a [`Settle`] decision that the consumer carries out
 //! after the commit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,10 @@ use tracing::{error, info, instrument, warn, Span};
 use uuid::Uuid;
 
 use crate::backend::{Backend, BackendError};
-use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, Op, Request};
-use crate::db::{self, AttachmentChange, Finish, Outgoing, Start};
+use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, ExportInfo, Op, Request};
+use crate::db::{self, AttachmentChange, Finish, NewExport, Outgoing, Start};
+use crate::nbd::manager::{ExportError, Exports};
+use crate::nbd::{ExportName, ExportSpec};
 use crate::device;
 use crate::failpoint;
 
@@ -35,6 +37,8 @@ struct Outcome {
     change: AttachmentChange,
     /// The VM the event names (for a detach: where it was attached).
     vm_id: Option<Uuid>,
+    /// The export the event names.
+    export: Option<ExportInfo>,
 }
 
 impl Outcome {
@@ -43,6 +47,7 @@ impl Outcome {
             result: Err((code, msg.into())),
             change: AttachmentChange::None,
             vm_id,
+            export: None,
         }
     }
 
@@ -58,6 +63,7 @@ pub struct Worker {
     pub pool: PgPool,
     pub device_dir: PathBuf,
     pub device_timeout: Duration,
+    pub exports: Arc<Exports>,
 }
 
 impl Worker {
@@ -126,35 +132,27 @@ impl Worker {
                 self.step(req.request_id, "backend_attached").await;
             }
         }
+        let attached = |device: Option<&DeviceInfo>, export: Option<NewExport>| {
+            AttachmentChange::Upsert {
+                volume_id: vol,
+                vm_id: vm,
+                device_path: device.map(|d| d.path.clone()),
+                stable_path: device.map(|d| d.stable_path.clone()),
+                export,
+            }
+        };
         if vm != self.appliance_vm {
             // Failover: the device appears in another VM, not here.
             return Outcome {
                 result: Ok(None),
-                change: AttachmentChange::Upsert {
-                    volume_id: vol,
-                    vm_id: vm,
-                    device_path: None,
-                    stable_path: None,
-                },
+                change: attached(None, None),
                 vm_id: Some(vm),
+                export: None,
             };
         }
         let link = device::link_for(&self.device_dir, vol);
-        match device::wait_for_device(&link, self.device_timeout).await {
-            Some(dev) => {
-                self.step(req.request_id, "device_found").await;
-                Outcome {
-                    change: AttachmentChange::Upsert {
-                        volume_id: vol,
-                        vm_id: vm,
-                        device_path: Some(dev.path.clone()),
-                        stable_path: Some(dev.stable_path.clone()),
-                    },
-                    result: Ok(Some(dev)),
-                    vm_id: Some(vm),
-                }
-            }
-            None => Outcome {
+        let Some(dev) = device::wait_for_device(&link, self.device_timeout).await else {
+            return Outcome {
                 result: Err((
                     ErrorCode::DeviceTimeout,
                     format!(
@@ -165,14 +163,55 @@ impl Worker {
                 )),
                 // The backend did attach it: record that, without a device,
                 // so the database keeps agreeing with the backend.
-                change: AttachmentChange::Upsert {
-                    volume_id: vol,
-                    vm_id: vm,
-                    device_path: None,
-                    stable_path: None,
-                },
+                change: attached(None, None),
                 vm_id: Some(vm),
-            },
+                export: None,
+            };
+        };
+        self.step(req.request_id, "device_found").await;
+        if !req.export {
+            return Outcome {
+                change: attached(Some(&dev), None),
+                result: Ok(Some(dev)),
+                vm_id: Some(vm),
+                export: None,
+            };
+        }
+        // From here a failure leaves the volume attached with its device
+        // recorded, and no export.
+        let failed = |code: ErrorCode, msg: String, dev: &DeviceInfo| Outcome {
+            result: Err((code, msg)),
+            change: attached(Some(dev), None),
+            vm_id: Some(vm),
+            export: None,
+        };
+        let spec = match ExportSpec::new(vol, Path::new(&dev.stable_path), &self.device_dir) {
+            Ok(spec) => spec,
+            Err(e) => return failed(ErrorCode::InvalidExport, e.to_string(), &dev),
+        };
+        let name = spec.name.to_string();
+        if let Err(e) = self.exports.add(spec).await {
+            let code = match e {
+                ExportError::Invalid(_) => ErrorCode::InvalidExport,
+                _ => ErrorCode::ExportFailed,
+            };
+            return failed(code, e.to_string(), &dev);
+        }
+        self.step(req.request_id, "export_live").await;
+        let export = NewExport {
+            name: name.clone(),
+            engine: self.exports.kind.as_str(),
+            port: self.exports.port,
+            metadata: serde_json::json!({"job_id": req.job_id, "request": req.metadata}),
+        };
+        Outcome {
+            change: attached(Some(&dev), Some(export)),
+            result: Ok(Some(dev)),
+            vm_id: Some(vm),
+            export: Some(ExportInfo {
+                name,
+                port: self.exports.port,
+            }),
         }
     }
 
@@ -188,6 +227,7 @@ impl Worker {
                 result: Ok(None),
                 change: AttachmentChange::Remove { volume_id: vol },
                 vm_id: req.vm_id,
+                export: None,
             };
         };
         if let Some(wanted) = req.vm_id {
@@ -197,6 +237,22 @@ impl Worker {
                     format!("volume {vol} is attached to VM {current}, not to VM {wanted}"),
                     Some(wanted),
                 );
+            }
+        }
+        if current == self.appliance_vm {
+            // The export goes first: new connections are refused before
+            // the device disappears, and clients still connected are given
+            // time to leave.
+            let link = device::link_for(&self.device_dir, vol);
+            let device = std::fs::canonicalize(&link).ok();
+            if let Err(e) = self.exports.withdraw(ExportName::for_volume(vol)).await {
+                return Outcome::failed(ErrorCode::ExportFailed, e.to_string(), Some(current));
+            }
+            self.step(req.request_id, "export_withdrawn").await;
+            if let Some(device) = device {
+                if let Err(e) = self.exports.wait_released(&device).await {
+                    return Outcome::failed(ErrorCode::ExportBusy, e.to_string(), Some(current));
+                }
             }
         }
         failpoint::hit("before_backend").await;
@@ -222,6 +278,7 @@ impl Worker {
             result: Ok(None),
             change: AttachmentChange::Remove { volume_id: vol },
             vm_id: Some(current),
+            export: None,
         }
     }
 
@@ -259,7 +316,7 @@ impl Worker {
             vm_id: outcome.vm_id,
             occurred_at: Utc::now(),
             device,
-            export: None,
+            export: outcome.export.clone(),
             error: error.clone(),
             attempts,
         };

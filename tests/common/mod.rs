@@ -74,6 +74,16 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub appliance: Uuid,
     pub pool: PgPool,
+    /// NBD port of each host's daemon, stable across its restarts.
+    ports: Mutex<HashMap<String, u16>>,
+}
+
+/// A TCP port nothing listens on right now (the kernel's pick).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Env {
@@ -97,6 +107,7 @@ impl Env {
             dir: tempfile::tempdir().expect("tempdir"),
             appliance: Uuid::new_v4(),
             pool,
+            ports: Mutex::default(),
         }
     }
 
@@ -108,9 +119,20 @@ impl Env {
         self.dir.path().join(host).join("by-id")
     }
 
+    /// The NBD port of `host`'s daemon.
+    pub fn nbd_port(&self, host: &str) -> u16 {
+        *self
+            .ports
+            .lock()
+            .expect("ports lock")
+            .entry(host.to_owned())
+            .or_insert_with(free_port)
+    }
+
     /// The environment a daemon for `host` runs with.
     pub fn daemon_env(&self, host: &str) -> Vec<(String, String)> {
         [
+            ("VOLUMED_NBD_PORT", self.nbd_port(host).to_string()),
             ("VOLUMED_HOST_ID", host.to_string()),
             ("VOLUMED_AMQP_URL", self.amqp_url.expose().to_string()),
             ("VOLUMED_DATABASE_URL", self.db_url.expose().to_string()),
@@ -148,6 +170,7 @@ impl Env {
     /// Starts a daemon without waiting for it.
     pub fn spawn(&self, host: &str, extra: &[(&str, &str)]) -> Daemon {
         let mut env: HashMap<String, String> = self.daemon_env(host).into_iter().collect();
+        env.insert("VOLUMED_TEST_NAME".into(), self.name.clone());
         for (k, v) in extra {
             env.insert(k.to_string(), v.to_string());
         }
@@ -283,8 +306,22 @@ impl Env {
     }
 }
 
+/// Kills every process whose command line mentions `needle` (the NBD
+/// servers a test's daemons started under its temporary directory, which
+/// outlive a killed daemon by design).
+pub fn kill_processes_mentioning(needle: &str) {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        kill_processes_mentioning(&self.dir.path().display().to_string());
         // Synchronous and best effort: runs after a failed assertion too.
         let _ = Command::new("rabbitmqctl")
             .args(["delete_vhost", &self.vhost])

@@ -1,0 +1,534 @@
+//! The export manager: the only code that changes a host's exports.
+//!
+//! One task owns the engine, so changes inside this process are serialised
+//! by construction; an `flock` on the engine's lock file serialises them
+//! with other processes (a second daemon, an operator script). Changes that
+//! arrive together are applied as one batch: one lock hold, at most one
+//! reload, then a live check of each change through the NBD protocol, and
+//! each waiting operation gets its own outcome.
+//!
+//! The task also watches the server: a managed server that died is
+//! restarted and every recorded export is checked again before the next
+//! batch; with nbd-server, sections the server still holds after a removal
+//! are dropped by a restart, done only while no client is connected.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::Pid;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::process::{self, ServerProcess};
+use super::proto::{self, NbdError, Open};
+use super::{Engine, ExportName, ExportSpec, InvalidExport};
+use crate::config::{NbdConfig, NbdEngineKind};
+use crate::db::{self, NbdStats};
+
+/// How often the manager looks at the server between batches.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// Most changes applied in one batch.
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidExport),
+    /// The change could not be made or verified; trying again may work.
+    #[error("{0}")]
+    Failed(String),
+    /// Clients are still connected to a withdrawn export.
+    #[error("{0}")]
+    Busy(String),
+    #[error("the export manager is stopping")]
+    Stopped,
+}
+
+enum Change {
+    Add(ExportSpec),
+    Withdraw(ExportName),
+}
+
+struct Request {
+    change: Change,
+    reply: oneshot::Sender<Result<(), ExportError>>,
+}
+
+/// The handle workers use.
+pub struct Exports {
+    tx: mpsc::Sender<Request>,
+    pub kind: NbdEngineKind,
+    pub listen: String,
+    pub port: u16,
+    server: ServerProcess,
+    drain_timeout: Duration,
+}
+
+impl Exports {
+    /// Starts the manager task. It stops (and stops a managed server) when
+    /// `stop` is cancelled; the returned handle completes then.
+    pub fn start(
+        cfg: &NbdConfig,
+        host: &str,
+        pool: PgPool,
+        stop: CancellationToken,
+    ) -> (Arc<Exports>, tokio::task::JoinHandle<()>) {
+        let engine: Arc<dyn Engine> = match cfg.engine {
+            NbdEngineKind::Nbdkit => Arc::new(super::nbdkit::Nbdkit::new(cfg)),
+            NbdEngineKind::NbdServer => Arc::new(super::nbd_server::NbdServer::new(cfg)),
+        };
+        let server = ServerProcess {
+            pidfile: cfg.pidfile.clone(),
+            program: engine.program(),
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = Arc::new(Exports {
+            tx,
+            kind: cfg.engine,
+            listen: cfg.listen.clone(),
+            port: cfg.port,
+            server: server.clone(),
+            drain_timeout: cfg.drain_timeout,
+        });
+        let manager = Manager {
+            engine,
+            server,
+            cfg: cfg.clone(),
+            host: host.to_owned(),
+            pool,
+            pending: NbdStats::default(),
+        };
+        let task = tokio::spawn(manager.run(rx, stop));
+        (handle, task)
+    }
+
+    async fn ask(&self, change: Change) -> Result<(), ExportError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { change, reply })
+            .await
+            .map_err(|_| ExportError::Stopped)?;
+        rx.await.map_err(|_| ExportError::Stopped)?
+    }
+
+    /// Serves `spec` and confirms through the protocol that it is live.
+    pub async fn add(&self, spec: ExportSpec) -> Result<(), ExportError> {
+        spec.validate()?;
+        self.ask(Change::Add(spec)).await
+    }
+
+    /// Stops new connections to `name` and confirms they are refused.
+    pub async fn withdraw(&self, name: ExportName) -> Result<(), ExportError> {
+        self.ask(Change::Withdraw(name)).await
+    }
+
+    /// Waits until no client of the server holds `device` open, up to the
+    /// drain timeout. A withdrawn export refuses new connections, but a
+    /// client connected before keeps its connection: detaching the volume
+    /// under it would fail its writes.
+    pub async fn wait_released(&self, device: &Path) -> Result<(), ExportError> {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let held = self
+                .server
+                .pid()
+                .map(|pid| process::holds_open(pid, device))
+                .unwrap_or(false);
+            if !held {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ExportError::Busy(format!(
+                    "a client is still connected to {} after {:?}; the export is withdrawn \
+                     (new connections are refused) and the volume stays attached",
+                    device.display(),
+                    self.drain_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+struct Manager {
+    engine: Arc<dyn Engine>,
+    server: ServerProcess,
+    cfg: NbdConfig,
+    host: String,
+    pool: PgPool,
+    /// Counters not yet written to the database.
+    pending: NbdStats,
+}
+
+impl Manager {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>, stop: CancellationToken) {
+        // Nothing is changed before the server runs and the recorded exports
+        // are in place.
+        loop {
+            match self.recover(true).await {
+                Ok(()) => break,
+                Err(e) => {
+                    error!(host = %self.host, engine = self.cfg.engine.as_str(),
+                           cause = %format!("{e:#}"), "NBD server not usable; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return self.shutdown(rx).await,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        }
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                first = rx.recv() => match first {
+                    Some(first) => {
+                        let batch = self.gather(first, &mut rx).await;
+                        self.apply(batch).await;
+                    }
+                    None => break,
+                },
+                _ = watch.tick() => self.watch().await,
+            }
+            self.flush_stats().await;
+        }
+        self.shutdown(rx).await;
+    }
+
+    async fn shutdown(mut self, mut rx: mpsc::Receiver<Request>) {
+        rx.close();
+        while let Some(r) = rx.recv().await {
+            let _ = r.reply.send(Err(ExportError::Stopped));
+        }
+        if self.cfg.manage {
+            info!(host = %self.host, engine = self.cfg.engine.as_str(), "stopping the NBD server");
+            self.server.stop(Duration::from_secs(5)).await;
+        }
+        self.flush_stats().await;
+    }
+
+    /// Collects the changes that arrived together. With nbd-server every
+    /// batch may cost a reload, so it waits the batch window for more.
+    async fn gather(&self, first: Request, rx: &mut mpsc::Receiver<Request>) -> Vec<Request> {
+        let mut batch = vec![first];
+        let window = match self.cfg.engine {
+            NbdEngineKind::NbdServer => self.cfg.batch_window,
+            NbdEngineKind::Nbdkit => Duration::ZERO,
+        };
+        let deadline = Instant::now() + window;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) if window.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => batch.push(r),
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        batch
+    }
+
+    async fn lock(&self) -> Result<Flock<std::fs::File>> {
+        let path = self.engine.lock_path();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+            // Blocks while another process changes the exports; they hold
+            // it only for a batch.
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", path.display()))
+        })
+        .await
+        .context("lock task failed")?
+    }
+
+    /// Makes sure the server runs and holds every recorded export.
+    /// `restore` (at start-up only) rewrites recorded exports missing from
+    /// the configuration; later, a withdrawal may be in progress and the
+    /// configuration is the truth.
+    async fn recover(&mut self, restore: bool) -> Result<()> {
+        let _lock = self.lock().await?;
+        self.recover_locked(restore).await
+    }
+
+    /// [`Manager::recover`] with the lock already held.
+    async fn recover_locked(&mut self, restore: bool) -> Result<()> {
+        self.engine.prepare()?;
+        let rows = db::exports(&self.pool, Some(&self.host)).await?;
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.engine == self.cfg.engine.as_str())
+            .collect();
+        if restore {
+            let configured: HashSet<String> = self
+                .engine
+                .configured()?
+                .into_iter()
+                .map(|(n, _)| n.to_string())
+                .collect();
+            for row in &rows {
+                if configured.contains(&row.export_name) {
+                    continue;
+                }
+                let spec = ExportName::parse(&row.export_name).map(|name| ExportSpec {
+                    name,
+                    volume: row.volume_id,
+                    path: PathBuf::from(&row.stable_path),
+                });
+                match spec.and_then(|s| s.validate().map(|_| s)) {
+                    Ok(spec) => {
+                        warn!(export = %spec.name, volume.id = %spec.volume,
+                              "recorded export missing from the configuration; restoring it");
+                        self.engine.write(&spec)?;
+                    }
+                    Err(e) => error!(export = %row.export_name, cause = %e,
+                                     "recorded export is invalid; not restoring it"),
+                }
+            }
+        }
+        let pid = match (self.server.pid(), self.cfg.manage) {
+            (Some(pid), _) => {
+                info!(host = %self.host, pid = pid.as_raw(), engine = self.cfg.engine.as_str(),
+                      "NBD server running; adopting it");
+                // A reload makes an adopted nbd-server read what may have
+                // been added while nobody watched it.
+                if let Some(Err(e)) = self.engine.reload(pid) {
+                    warn!(cause = %e, "cannot signal the NBD server");
+                }
+                pid
+            }
+            (None, true) => self.start_server().await?,
+            (None, false) => {
+                return Err(anyhow!(
+                    "no NBD server runs according to {} and VOLUMED_NBD_MANAGE=false",
+                    self.cfg.pidfile.display()
+                ))
+            }
+        };
+        let serving = self.list_until_up().await?;
+        self.engine.started(&serving);
+        debug!(pid = pid.as_raw(), exports = serving.len(), "NBD server serving");
+        for row in rows {
+            match self.check_served(&row.export_name).await {
+                Ok(()) => {}
+                Err(e) => warn!(export = %row.export_name, volume.id = %row.volume_id, cause = %e,
+                                "recorded export is not served"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_server(&mut self) -> Result<Pid> {
+        let cmd = self.engine.server_command(&self.cfg.pidfile);
+        let pid = self
+            .server
+            .start(cmd, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("starting {}", self.engine.program()))?;
+        self.pending.restarts += 1;
+        info!(host = %self.host, pid = pid.as_raw(), engine = self.cfg.engine.as_str(),
+              port = self.cfg.port, "NBD server started");
+        Ok(pid)
+    }
+
+    /// Lists exports, waiting for a just-started server to accept
+    /// connections.
+    async fn list_until_up(&self) -> Result<Vec<String>> {
+        let deadline = Instant::now() + self.cfg.check_timeout;
+        loop {
+            match proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout).await {
+                Ok(names) => return Ok(names),
+                Err(NbdError::TlsRequired) => return Ok(Vec::new()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(anyhow!(e)).context("the NBD server does not answer")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Between batches: restart a managed server that died; drop stale
+    /// nbd-server sections when no client is connected.
+    async fn watch(&mut self) {
+        if self.server.pid().is_none() {
+            if self.cfg.manage {
+                error!(host = %self.host, engine = self.cfg.engine.as_str(),
+                       "NBD server is gone; restarting it");
+                self.pending.crashes += 1;
+                if let Err(e) = self.recover(false).await {
+                    error!(cause = %format!("{e:#}"), "NBD server restart failed; will retry");
+                }
+            }
+            return;
+        }
+        let stale = self.engine.stale();
+        if stale.is_empty() || !self.cfg.manage {
+            return;
+        }
+        let Some(pid) = self.server.pid() else { return };
+        let clients = process::children(pid).len();
+        if clients > 0 {
+            debug!(clients, stale = stale.len(), "stale sections kept while clients are connected");
+            return;
+        }
+        info!(stale = ?stale, "restarting the idle NBD server to drop removed exports");
+        self.server.stop(Duration::from_secs(5)).await;
+        if let Err(e) = self.recover(false).await {
+            error!(cause = %format!("{e:#}"), "NBD server restart failed; will retry");
+        }
+    }
+
+    async fn apply(&mut self, batch: Vec<Request>) {
+        let lock = match self.lock().await {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                for r in batch {
+                    let _ = r.reply.send(Err(ExportError::Failed(msg.clone())));
+                }
+                return;
+            }
+        };
+        if self.server.pid().is_none() && self.cfg.manage {
+            self.pending.crashes += 1;
+            if let Err(e) = self.recover_locked(false).await {
+                let msg = format!("the NBD server is down and cannot be restarted: {e:#}");
+                for r in batch {
+                    let _ = r.reply.send(Err(ExportError::Failed(msg.clone())));
+                }
+                return;
+            }
+        }
+
+        // 1. Write every change.
+        let mut outcomes: Vec<Option<Result<(), ExportError>>> = Vec::with_capacity(batch.len());
+        let mut reload = false;
+        for r in &batch {
+            let result = match &r.change {
+                Change::Add(spec) => self.engine.write(spec).map(|needs| reload |= needs),
+                Change::Withdraw(name) => self.engine.withdraw(name),
+            };
+            outcomes.push(result.err().map(|e| Err(ExportError::Failed(e.to_string()))));
+        }
+        self.pending.changes += batch.len() as i64;
+
+        // 2. One reload for the whole batch.
+        if reload {
+            if let Some(pid) = self.server.pid() {
+                match self.engine.reload(pid) {
+                    Some(Ok(())) => {
+                        self.pending.reloads += 1;
+                        info!(host = %self.host, changes = batch.len(), "nbd-server reloaded");
+                    }
+                    Some(Err(e)) => warn!(cause = %e, "cannot signal nbd-server"),
+                    None => {}
+                }
+            }
+        }
+
+        // 3. Live checks, and undo what failed.
+        for (r, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+            if outcome.is_some() {
+                continue;
+            }
+            let result = match &r.change {
+                Change::Add(spec) => {
+                    let mut checked = self.check_served(spec.name.as_str()).await;
+                    if checked.is_err() && self.server.pid().is_none() && self.cfg.manage {
+                        // The reload crashed the server: restart it (which
+                        // reads every section) and check again.
+                        warn!(export = %spec.name, "NBD server died during the change; recovering");
+                        self.pending.crashes += 1;
+                        checked = match self.recover_locked(false).await {
+                            Ok(()) => self.check_served(spec.name.as_str()).await,
+                            Err(e) => Err(format!("{e:#}")),
+                        };
+                    }
+                    checked.map_err(|why| {
+                        if let Err(e) = self.engine.withdraw(&spec.name) {
+                            error!(export = %spec.name, cause = %e, "cannot undo a failed export");
+                        }
+                        ExportError::Failed(format!("export {} is not live: {why}", spec.name))
+                    })
+                }
+                Change::Withdraw(name) => self
+                    .check_refused(name.as_str())
+                    .await
+                    .map_err(ExportError::Failed),
+            };
+            *outcome = Some(result);
+        }
+        drop(lock);
+        for (r, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = r
+                .reply
+                .send(outcome.unwrap_or_else(|| Err(ExportError::Failed("not applied".into()))));
+        }
+    }
+
+    /// Listed and opened within the check timeout.
+    async fn check_served(&self, name: &str) -> Result<(), String> {
+        let deadline = Instant::now() + self.cfg.check_timeout;
+        let mut last;
+        loop {
+            match proto::probe(&self.cfg.listen, self.cfg.port, name, self.cfg.check_timeout).await {
+                Ok(p) if p.listed && matches!(p.open, Open::Served { .. }) => return Ok(()),
+                Ok(p) => last = format!("{p:?}"),
+                Err(NbdError::TlsRequired) => {
+                    // With TLS required, the check can only confirm the
+                    // server answers; see docs/nbd.md.
+                    return Ok(());
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    if self.server.pid().is_none() {
+                        return Err(last);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A new connection to `name` is refused.
+    async fn check_refused(&self, name: &str) -> Result<(), String> {
+        match proto::probe(&self.cfg.listen, self.cfg.port, name, self.cfg.check_timeout).await {
+            Ok(p) if matches!(p.open, Open::Refused { .. }) => Ok(()),
+            Ok(_) => Err(format!("export {name} still accepts connections after withdrawal")),
+            // A server that does not answer serves nothing.
+            Err(NbdError::Io(_)) => Ok(()),
+            Err(NbdError::TlsRequired) => Ok(()),
+            Err(e) => Err(format!("cannot confirm export {name} is withdrawn: {e}")),
+        }
+    }
+
+    async fn flush_stats(&mut self) {
+        if self.pending == NbdStats::default() {
+            return;
+        }
+        match db::bump_nbd_stats(&self.pool, &self.host, self.cfg.engine.as_str(), &self.pending)
+            .await
+        {
+            Ok(()) => self.pending = NbdStats::default(),
+            Err(e) => debug!(cause = %e, "cannot record NBD counters yet"),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The nbdkit engine: one `nbdkit file dir=<export dir>` serves every entry
+//! of the export directory under its file name, resolved when a client
+//! connects. An export is a symlink to the volume's by-id path, made by
+//! rename (atomic); withdrawing it is an unlink, after which new connections
+//! are refused at once. There is no reload.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use super::{remove_if_present, sync_dir, Engine, ExportName, ExportSpec};
+use crate::config::{NbdConfig, NbdEngineKind};
+
+pub struct Nbdkit {
+    dir: PathBuf,
+    port: u16,
+    listen: String,
+    tls_psk: Option<PathBuf>,
+}
+
+impl Nbdkit {
+    pub fn new(cfg: &NbdConfig) -> Self {
+        Nbdkit {
+            dir: cfg.config.clone(),
+            port: cfg.port,
+            listen: cfg.listen.clone(),
+            tls_psk: cfg.tls_psk.clone(),
+        }
+    }
+
+    fn link(&self, name: &ExportName) -> PathBuf {
+        self.dir.join(name.as_str())
+    }
+}
+
+impl Engine for Nbdkit {
+    fn kind(&self) -> NbdEngineKind {
+        NbdEngineKind::Nbdkit
+    }
+
+    fn program(&self) -> &'static str {
+        "nbdkit"
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        // Beside the directory, not in it: every entry in it is an export.
+        let mut p = self.dir.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    fn prepare(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create the export directory {}", self.dir.display()))
+    }
+
+    fn server_command(&self, pidfile: &Path) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("nbdkit");
+        c.arg("--port")
+            .arg(self.port.to_string())
+            .arg("-i")
+            .arg(&self.listen)
+            .arg("--pidfile")
+            .arg(pidfile);
+        if let Some(psk) = &self.tls_psk {
+            c.arg("--tls=require").arg(format!("--tls-psk={}", psk.display()));
+        }
+        c.arg("file").arg(format!("dir={}", self.dir.display()));
+        c
+    }
+
+    fn write(&self, spec: &ExportSpec) -> std::io::Result<bool> {
+        let link = self.link(&spec.name);
+        if std::fs::read_link(&link).ok().as_deref() == Some(spec.path.as_path()) {
+            return Ok(false);
+        }
+        // Made under a hidden temporary name, then renamed over the final
+        // name: a client never sees a half-made export.
+        let tmp = self.dir.join(format!(".{}.tmp", spec.name));
+        remove_if_present(&tmp)?;
+        std::os::unix::fs::symlink(&spec.path, &tmp)?;
+        std::fs::rename(&tmp, &link)?;
+        sync_dir(&self.dir)?;
+        Ok(false)
+    }
+
+    fn withdraw(&self, name: &ExportName) -> std::io::Result<()> {
+        if remove_if_present(&self.link(name))? {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn configured(&self) -> std::io::Result<Vec<(ExportName, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            // Temporary links and anything not named like an export are
+            // not exports volumed made.
+            let Ok(name) = ExportName::parse(&name) else {
+                continue;
+            };
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                out.push((name, target));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn reload(&self, _pid: nix::unistd::Pid) -> Option<std::io::Result<()>> {
+        None
+    }
+
+    fn started(&self, _serving: &[String]) {}
+
+    fn stale(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
