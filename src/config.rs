@@ -275,11 +275,21 @@ impl Config {
         if !(256..=16 * 1024 * 1024).contains(&max_message_bytes) {
             bail!("VOLUMED_MAX_MESSAGE_BYTES={max_message_bytes} is out of range: 256 to 16 MiB");
         }
+        // Every wait is bounded by a day: longer is a typo, and a huge value
+        // would overflow the deadline arithmetic.
         let secs = |name: &str, file: Option<u64>, default: u64| -> Result<Duration> {
-            Ok(Duration::from_secs(n(name, file)?.unwrap_or(default)))
+            let v = n(name, file)?.unwrap_or(default);
+            if v > 86_400 {
+                bail!("{name}={v} is out of range: at most 86400 seconds");
+            }
+            Ok(Duration::from_secs(v))
         };
         let millis = |name: &str, file: Option<u64>, default: u64| -> Result<Duration> {
-            Ok(Duration::from_millis(n(name, file)?.unwrap_or(default)))
+            let v = n(name, file)?.unwrap_or(default);
+            if v > 86_400_000 {
+                bail!("{name}={v} is out of range: at most 86400000 ms");
+            }
+            Ok(Duration::from_millis(v))
         };
         let log_format = match s("VOLUMED_LOG_FORMAT", file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -318,12 +328,17 @@ impl Config {
             if !(1..=65535).contains(&port) {
                 bail!("VOLUMED_NBD_PORT={port} is not a TCP port");
             }
-            let listen = s("VOLUMED_NBD_LISTEN", file.nbd_listen).unwrap_or_else(|| "127.0.0.1".into());
+            let listen =
+                s("VOLUMED_NBD_LISTEN", file.nbd_listen).unwrap_or_else(|| "127.0.0.1".into());
             if listen.parse::<std::net::IpAddr>().is_err() {
                 bail!("VOLUMED_NBD_LISTEN={listen:?} is not an IP address");
             }
             let allow: Vec<String> = match env("VOLUMED_NBD_ALLOW") {
-                Some(v) => v.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect(),
+                Some(v) => v
+                    .split(',')
+                    .map(|a| a.trim().to_owned())
+                    .filter(|a| !a.is_empty())
+                    .collect(),
                 None => file.nbd_allow.unwrap_or_else(|| vec!["127.0.0.1".into()]),
             };
             for a in &allow {
@@ -346,7 +361,10 @@ impl Config {
                 .or(file.nbd_config)
                 .unwrap_or(default_config);
             if !config.is_absolute() {
-                bail!("VOLUMED_NBD_CONFIG={} must be an absolute path", config.display());
+                bail!(
+                    "VOLUMED_NBD_CONFIG={} must be an absolute path",
+                    config.display()
+                );
             }
             let pidfile = s("VOLUMED_NBD_PIDFILE", None)
                 .map(PathBuf::from)
@@ -368,8 +386,16 @@ impl Config {
                 pidfile,
                 tls_psk,
                 batch_window: millis("VOLUMED_NBD_BATCH_WINDOW_MS", file.nbd_batch_window_ms, 50)?,
-                check_timeout: secs("VOLUMED_NBD_CHECK_TIMEOUT_SECS", file.nbd_check_timeout_secs, 10)?,
-                drain_timeout: secs("VOLUMED_NBD_DRAIN_TIMEOUT_SECS", file.nbd_drain_timeout_secs, 30)?,
+                check_timeout: secs(
+                    "VOLUMED_NBD_CHECK_TIMEOUT_SECS",
+                    file.nbd_check_timeout_secs,
+                    10,
+                )?,
+                drain_timeout: secs(
+                    "VOLUMED_NBD_DRAIN_TIMEOUT_SECS",
+                    file.nbd_drain_timeout_secs,
+                    30,
+                )?,
             }
         };
 
@@ -572,6 +598,7 @@ mod tests {
             ("VOLUMED_NBD_ALLOW", "10.0.0.0/8,evil\nline"),
             ("VOLUMED_NBD_MANAGE", "perhaps"),
             ("VOLUMED_NBD_CONFIG", "relative/path"),
+            ("VOLUMED_DEVICE_TIMEOUT_SECS", "99999999999999"),
         ] {
             let err = load(&[(k, v)]).expect_err(k).to_string();
             assert!(err.contains(k), "{k}: {err}");

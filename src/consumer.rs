@@ -37,7 +37,9 @@ pub const HOST_HEADER: &str = "x-volumed-host";
 /// A delivery on its way through a lane.
 pub struct Job {
     pub request: contract::Request,
-    pub acker: Acker,
+    pub delivery: Delivery,
+    dead: Arc<Channel>,
+    host: String,
 }
 
 /// The consumer's shared state.
@@ -60,12 +62,19 @@ impl Consumer {
     /// when the broker goes away. Returns an error only for what a
     /// reconnect cannot fix (a conflicting topology).
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<Stopped> {
-        let mut delay = Duration::from_millis(200);
+        const FIRST: Duration = Duration::from_millis(200);
+        let mut delay = FIRST;
         loop {
             if stop.is_cancelled() {
                 return Ok(Stopped::Shutdown(None));
             }
-            match self.consume_once(&stop).await {
+            let mut connected = false;
+            let result = self.consume_once(&stop, &mut connected).await;
+            if connected {
+                // The last attempt worked for a while: start the backoff over.
+                delay = FIRST;
+            }
+            match result {
                 Ok(conn) => return Ok(Stopped::Shutdown(Some(conn))),
                 Err(e) if is_precondition_failed(&e) => return Err(e),
                 Err(e) => {
@@ -81,7 +90,11 @@ impl Consumer {
         }
     }
 
-    async fn consume_once(self: &Arc<Self>, stop: &CancellationToken) -> Result<Connection> {
+    async fn consume_once(
+        self: &Arc<Self>,
+        stop: &CancellationToken,
+        connected: &mut bool,
+    ) -> Result<Connection> {
         let cfg = &self.config;
         let conn =
             crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
@@ -105,6 +118,7 @@ impl Consumer {
             )
             .await?;
         info!(host = %cfg.host_id, queue, prefetch = cfg.prefetch(), "consuming requests");
+        *connected = true;
         let dead = Arc::new(dead);
         loop {
             tokio::select! {
@@ -141,7 +155,9 @@ impl Consumer {
                     key,
                     Job {
                         request,
-                        acker: d.acker,
+                        delivery: d,
+                        dead: Arc::clone(dead),
+                        host: self.config.host_id.clone(),
                     },
                     move |job: Job| {
                         let me = Arc::clone(&me);
@@ -239,10 +255,38 @@ impl Consumer {
 }
 
 /// Settles a worker's job. This is the one place where a request is
-/// acknowledged or given back, and it runs only after the worker returned,
-/// i.e. after the outcome was committed.
+/// acknowledged, given back or dead-lettered, and it runs only after the
+/// worker returned, i.e. after the outcome was committed.
 async fn settle_job(job: &Job, settle: Settle) {
-    settle_acker(&job.acker, settle).await;
+    let settle = match settle {
+        Settle::DeadLetter { code, message } => {
+            let r = Rejection {
+                code,
+                message,
+                request_id: Some(job.request.request_id),
+                op: Some(job.request.op),
+                volume_id: Some(job.request.volume_id),
+                vm_id: job.request.vm_id,
+            };
+            match dead_letter(&job.dead, &job.delivery, &job.host, &r).await {
+                Ok(()) => Settle::Ack,
+                Err(e) => {
+                    warn!(cause = %format!("{e:#}"), "cannot publish the dead letter; rejecting it to the broker");
+                    if let Err(e) = job
+                        .delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                    {
+                        warn!(cause = %e, "reject lost; the broker will redeliver the message");
+                    }
+                    return;
+                }
+            }
+        }
+        other => other,
+    };
+    settle_acker(&job.delivery.acker, settle).await;
 }
 
 async fn settle_acker(acker: &Acker, settle: Settle) {
@@ -251,6 +295,9 @@ async fn settle_acker(acker: &Acker, settle: Settle) {
         // reject (not nack): counted by the delivery limit on every
         // RabbitMQ version.
         Settle::Requeue => acker.reject(BasicRejectOptions { requeue: true }).await,
+        // Dead letters are published by `settle_job`; one that reaches
+        // here goes to the broker's dead-letter exchange.
+        Settle::DeadLetter { .. } => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(e) = result {
         // The channel is gone: the broker redelivers the message, and the

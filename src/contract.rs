@@ -86,6 +86,8 @@ pub enum ErrorCode {
     InvalidField,
     /// `op` is neither `attach` nor `detach`.
     UnknownOp,
+    /// The request id was already used for another operation or volume.
+    DuplicateRequestId,
     /// The volume does not exist in the backend.
     VolumeNotFound,
     /// The volume is attached to another VM than the one named.
@@ -116,6 +118,7 @@ impl ErrorCode {
             ErrorCode::MissingField => "missing_field",
             ErrorCode::InvalidField => "invalid_field",
             ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::DuplicateRequestId => "duplicate_request_id",
             ErrorCode::VolumeNotFound => "volume_not_found",
             ErrorCode::VolumeAttachedElsewhere => "volume_attached_elsewhere",
             ErrorCode::DeviceTimeout => "device_timeout",
@@ -172,9 +175,9 @@ impl Rejection {
     }
 }
 
-/// Parses a canonical hyphenated UUID. The looser forms `uuid` also accepts
-/// (braced, URN, no hyphens) are refused so that ids compare as strings in
-/// every consumer of the contract.
+/// Parses a hyphenated UUID (either case). The looser forms `uuid` also
+/// accepts (braced, URN, no hyphens) are refused; ids leave volumed in the
+/// canonical lower-case form, so consumers can compare them as strings.
 pub fn parse_uuid(s: &str) -> Option<Uuid> {
     if s.len() != 36 {
         return None;
@@ -192,6 +195,34 @@ fn uuid_field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Option
             "field `{name}` must be a UUID string, got {}",
             json_kind(other)
         )),
+    }
+}
+
+/// The location of the first string (or key) holding U+0000, if any.
+fn find_nul(v: &Value, at: String) -> Option<String> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(if at.is_empty() {
+            "the body".into()
+        } else {
+            format!("field `{at}`")
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| find_nul(x, format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, x)| {
+            let here = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            if k.contains('\0') {
+                Some(format!("a key in `{here}`"))
+            } else {
+                find_nul(x, here)
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -234,6 +265,14 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
             format!("body is not valid JSON: {e}"),
         ))
     })?;
+    if let Some(path) = find_nul(&value, String::new()) {
+        // PostgreSQL cannot store U+0000 in text or jsonb: refuse it here
+        // rather than fail at the journal and loop.
+        return Err(with_id(Rejection::new(
+            ErrorCode::InvalidField,
+            format!("{path} contains the character U+0000"),
+        )));
+    }
     let Value::Object(obj) = value else {
         return Err(with_id(Rejection::new(
             ErrorCode::MalformedBody,

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
@@ -48,8 +49,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     db::migrate(&pool).await?;
 
     let stop_exports = CancellationToken::new();
-    let (exports, exports_task) =
-        Exports::start(&config.nbd, &config.host_id, pool.clone(), stop_exports.clone());
+    let (exports, exports_task) = Exports::start(
+        &config.nbd,
+        &config.host_id,
+        pool.clone(),
+        stop_exports.clone(),
+    );
     let worker = Arc::new(Worker {
         host: config.host_id.clone(),
         appliance_vm,
@@ -96,6 +101,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
+    // One deadline for the whole stop, so it never takes longer than
+    // VOLUMED_SHUTDOWN_TIMEOUT_SECS plus the final closes.
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+
     // 1. Stop taking requests. The consumer hands back its connection so
     //    that operations still running can acknowledge on it.
     stop_consuming.cancel();
@@ -123,7 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if busy > 0 {
         info!(busy, "waiting for in-flight operations");
     }
-    if tokio::time::timeout(config.shutdown_timeout, dispatcher.drain())
+    if tokio::time::timeout_at(deadline, dispatcher.drain())
         .await
         .is_err()
     {
@@ -140,7 +149,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let flushed = if relay_finished {
         Ok(Ok(Ok(())))
     } else {
-        tokio::time::timeout(config.shutdown_timeout, &mut relay_task).await
+        // The flush gets what is left, and at least a moment.
+        let flush_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+        tokio::time::timeout_at(flush_by, &mut relay_task).await
     };
     match flushed {
         Ok(Ok(Ok(()))) => {}

@@ -49,6 +49,8 @@ pub enum Start {
     Run { attempts: i32 },
     /// Already terminal: its event is in the outbox; do nothing.
     Done { state: String },
+    /// The id is journalled for a different operation or volume.
+    Conflict { existing: String },
 }
 
 /// Records that a worker starts (or restarts after a crash) a request, in
@@ -64,7 +66,8 @@ pub async fn start_operation(
          VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)
          ON CONFLICT (request_id) DO UPDATE
             SET attempts = operations.attempts + 1, updated_at = now()
-            WHERE operations.state = 'running'
+            WHERE operations.state = 'running' AND operations.op = EXCLUDED.op
+              AND operations.volume_id IS NOT DISTINCT FROM EXCLUDED.volume_id
          RETURNING attempts",
     )
     .bind(req.request_id)
@@ -81,11 +84,17 @@ pub async fn start_operation(
             attempts: r.try_get("attempts")?,
         }),
         None => {
-            let state: String =
-                sqlx::query_scalar("SELECT state FROM operations WHERE request_id = $1")
+            let (state, op, volume): (String, String, Option<Uuid>) =
+                sqlx::query_as("SELECT state, op, volume_id FROM operations WHERE request_id = $1")
                     .bind(req.request_id)
                     .fetch_one(pool)
                     .await?;
+            if op != req.op.as_str() || volume != Some(req.volume_id) {
+                let volume = volume.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                return Ok(Start::Conflict {
+                    existing: format!("{op} of volume {volume} ({state})"),
+                });
+            }
             Ok(Start::Done { state })
         }
     }
@@ -361,6 +370,21 @@ pub async fn mark_sent(
     .bind(unroutable)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Counts a refused publish of rows that stay pending.
+pub async fn count_refused(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET publish_attempts = publish_attempts + 1 WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 

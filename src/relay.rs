@@ -38,9 +38,15 @@ impl Relay {
     /// Publishes until `stop` is cancelled, then drains what is pending (the
     /// caller bounds that with a timeout) and returns.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<()> {
-        let mut delay = Duration::from_millis(200);
+        const FIRST: Duration = Duration::from_millis(200);
+        let mut delay = FIRST;
         loop {
-            match self.run_once(&stop).await {
+            let mut connected = false;
+            let result = self.run_once(&stop, &mut connected).await;
+            if connected {
+                delay = FIRST;
+            }
+            match result {
                 Ok(()) => return Ok(()),
                 Err(e) => warn!(host = %self.config.host_id, cause = %format!("{e:#}"),
                                 retry_in = ?delay, "outbox relay interrupted; reconnecting"),
@@ -55,7 +61,7 @@ impl Relay {
         }
     }
 
-    async fn run_once(&self, stop: &CancellationToken) -> Result<()> {
+    async fn run_once(&self, stop: &CancellationToken, connected: &mut bool) -> Result<()> {
         let cfg = &self.config;
         let conn =
             crate::amqp::connect(&cfg.amqp_url, &format!("volumed-relay {}", cfg.host_id)).await?;
@@ -66,6 +72,7 @@ impl Relay {
             .context("cannot listen for outbox notifications")?;
         listener.listen(db::OUTBOX_CHANNEL).await?;
         info!(host = %cfg.host_id, "outbox relay connected");
+        *connected = true;
         loop {
             self.publish_pending(&ch).await?;
             tokio::select! {
@@ -105,6 +112,7 @@ impl Relay {
             }
             let mut sent = Vec::new();
             let mut unroutable = Vec::new();
+            let mut refused = Vec::new();
             for (row, (main, reply)) in rows.iter().zip(inflight) {
                 match main.await? {
                     Confirmation::Ack(None) | Confirmation::NotRequested => sent.push(row.id),
@@ -119,6 +127,7 @@ impl Relay {
                     }
                     Confirmation::Nack(_) => {
                         warn!(event.id = %row.event_id, "broker refused the event; will retry");
+                        refused.push(row.id);
                     }
                 }
                 if let Some(reply) = reply {
@@ -130,9 +139,14 @@ impl Relay {
                 }
             }
             db::mark_sent(&mut tx, &sent, &unroutable).await?;
+            db::count_refused(&mut tx, &refused).await?;
             tx.commit().await?;
             total += sent.len();
             debug!(count = sent.len(), "events published");
+            if !refused.is_empty() {
+                // Try the refused ones at the next poll rather than spin.
+                return Ok(total);
+            }
         }
     }
 }

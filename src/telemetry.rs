@@ -4,14 +4,22 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. The filter comes from `VOLUMED_LOG`
-/// (then `RUST_LOG`), default `info`.
+/// Installs the global subscriber. The filter comes from `VOLUMED_LOG`,
+/// else `RUST_LOG`; the default is `info` for volumed with the AMQP and SQL
+/// drivers at `warn`. An unparsable filter is reported and the default used.
 pub fn init(format: LogFormat) {
-    let filter = std::env::var("VOLUMED_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new("info,lapin=warn,sqlx=warn"));
+    const DEFAULT: &str = "info,lapin=warn,sqlx=warn";
+    let spec = ["VOLUMED_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+    let filter = match spec.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("volumed: invalid log filter {spec:?} ({e}); using {DEFAULT:?}");
+            EnvFilter::new(DEFAULT)
+        }
+        None => EnvFilter::new(DEFAULT),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -15,10 +15,10 @@ use uuid::Uuid;
 use crate::backend::{Backend, BackendError};
 use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, ExportInfo, Op, Request};
 use crate::db::{self, AttachmentChange, Finish, NewExport, Outgoing, Start};
-use crate::nbd::manager::{ExportError, Exports};
-use crate::nbd::{ExportName, ExportSpec};
 use crate::device;
 use crate::failpoint;
+use crate::nbd::manager::{ExportError, Exports};
+use crate::nbd::{ExportName, ExportSpec};
 
 /// What to do with the message once the worker is done with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,9 @@ pub enum Settle {
     /// The broker counts the redelivery, so a message that never commits is
     /// dead-lettered at the delivery limit instead of looping.
     Requeue,
+    /// The message can never be processed: dead-letter it with the reason
+    /// (never requeue: it would fail the same way forever).
+    DeadLetter { code: ErrorCode, message: String },
 }
 
 /// The result of the backend part of an operation.
@@ -86,6 +89,18 @@ impl Worker {
                 );
                 return Settle::Ack;
             }
+            Ok(Start::Conflict { existing }) => {
+                let message = format!(
+                    "request id {} was already used for {existing}; a request id names one request",
+                    req.request_id
+                );
+                warn!(error.code = %ErrorCode::DuplicateRequestId, error.message = %message,
+                      "refused a request");
+                return Settle::DeadLetter {
+                    code: ErrorCode::DuplicateRequestId,
+                    message,
+                };
+            }
             Err(e) => {
                 error!(cause = %e, "cannot journal the request; giving it back to the broker");
                 return Settle::Requeue;
@@ -132,15 +147,14 @@ impl Worker {
                 self.step(req.request_id, "backend_attached").await;
             }
         }
-        let attached = |device: Option<&DeviceInfo>, export: Option<NewExport>| {
-            AttachmentChange::Upsert {
+        let attached =
+            |device: Option<&DeviceInfo>, export: Option<NewExport>| AttachmentChange::Upsert {
                 volume_id: vol,
                 vm_id: vm,
                 device_path: device.map(|d| d.path.clone()),
                 stable_path: device.map(|d| d.stable_path.clone()),
                 export,
-            }
-        };
+            };
         if vm != self.appliance_vm {
             // Failover: the device appears in another VM, not here.
             return Outcome {
@@ -263,15 +277,21 @@ impl Worker {
         if current == self.appliance_vm {
             let link = device::link_for(&self.device_dir, vol);
             if !device::wait_gone(&link, self.device_timeout).await {
-                return Outcome::failed(
-                    ErrorCode::DeviceTimeout,
-                    format!(
-                        "the backend detached the volume but {} is still present after {:?}",
-                        link.display(),
-                        self.device_timeout
-                    ),
-                    Some(current),
-                );
+                // The backend did detach it: the attachment row goes, so
+                // the database keeps agreeing with the backend.
+                return Outcome {
+                    result: Err((
+                        ErrorCode::DeviceTimeout,
+                        format!(
+                            "the backend detached the volume but {} is still present after {:?}",
+                            link.display(),
+                            self.device_timeout
+                        ),
+                    )),
+                    change: AttachmentChange::Remove { volume_id: vol },
+                    vm_id: Some(current),
+                    export: None,
+                };
             }
         }
         Outcome {

@@ -758,3 +758,46 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
         .await;
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_reused_for_another_volume_is_dead_lettered() {
+    let env = Env::new("reuse").await;
+    let _d = env.start(HOST, &[]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let (a, b) = (env.create_volume(HOST), env.create_volume(HOST));
+    let first = Outgoing::attach(HOST, a, env.appliance, false);
+    client.publish(&first).await.expect("publish");
+    sub.wait_for(first.request_id, WAIT)
+        .await
+        .expect("first event");
+
+    let mut reused = Outgoing::attach(HOST, b, env.appliance, false);
+    reused.request_id = first.request_id;
+    reused.body["request_id"] = json!(first.request_id);
+    client.publish(&reused).await.expect("publish");
+
+    let dead_q = topology::dead_queue(HOST);
+    let start = std::time::Instant::now();
+    while env.queue_depth(&dead_q).await < 1 {
+        assert!(start.elapsed() < WAIT, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = env.drain_queue(&dead_q).await;
+    let reason = dead[0]
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(volumed::consumer::REASON_HEADER).cloned())
+        .and_then(|v| v.as_long_string().map(|s| s.to_string()));
+    assert_eq!(reason.as_deref(), Some("duplicate_request_id"));
+    assert_eq!(env.call_log(HOST).len(), 1, "volume b untouched");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE request_id = $1")
+        .bind(first.request_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(events, 1, "no second event for the id");
+    client.close().await;
+}

@@ -16,6 +16,18 @@ pub async fn run(cli: &Cli) -> Result<ExitCode> {
             _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
             _ = int.recv() => tracing::info!(signal = "SIGINT", "stopping"),
         }
+        // A second signal means "now": exit without waiting for in-flight
+        // operations. Nothing unacknowledged is lost; it is redelivered.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!(
+                "second signal: exiting at once; unfinished requests will be redelivered"
+            );
+            std::process::exit(130);
+        });
     };
     crate::daemon::run(config, shutdown).await?;
     Ok(ExitCode::SUCCESS)

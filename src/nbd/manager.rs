@@ -322,7 +322,11 @@ impl Manager {
         };
         let serving = self.list_until_up().await?;
         self.engine.started(&serving);
-        debug!(pid = pid.as_raw(), exports = serving.len(), "NBD server serving");
+        debug!(
+            pid = pid.as_raw(),
+            exports = serving.len(),
+            "NBD server serving"
+        );
         for row in rows {
             match self.check_served(&row.export_name).await {
                 Ok(()) => {}
@@ -383,7 +387,11 @@ impl Manager {
         let Some(pid) = self.server.pid() else { return };
         let clients = process::children(pid).len();
         if clients > 0 {
-            debug!(clients, stale = stale.len(), "stale sections kept while clients are connected");
+            debug!(
+                clients,
+                stale = stale.len(),
+                "stale sections kept while clients are connected"
+            );
             return;
         }
         info!(stale = ?stale, "restarting the idle NBD server to drop removed exports");
@@ -423,7 +431,11 @@ impl Manager {
                 Change::Add(spec) => self.engine.write(spec).map(|needs| reload |= needs),
                 Change::Withdraw(name) => self.engine.withdraw(name),
             };
-            outcomes.push(result.err().map(|e| Err(ExportError::Failed(e.to_string()))));
+            outcomes.push(
+                result
+                    .err()
+                    .map(|e| Err(ExportError::Failed(e.to_string()))),
+            );
         }
         self.pending.changes += batch.len() as i64;
 
@@ -486,7 +498,14 @@ impl Manager {
         let deadline = Instant::now() + self.cfg.check_timeout;
         let mut last;
         loop {
-            match proto::probe(&self.cfg.listen, self.cfg.port, name, self.cfg.check_timeout).await {
+            match proto::probe(
+                &self.cfg.listen,
+                self.cfg.port,
+                name,
+                self.cfg.check_timeout,
+            )
+            .await
+            {
                 Ok(p) if p.listed && matches!(p.open, Open::Served { .. }) => return Ok(()),
                 Ok(p) => last = format!("{p:?}"),
                 Err(NbdError::TlsRequired) => {
@@ -510,9 +529,18 @@ impl Manager {
 
     /// A new connection to `name` is refused.
     async fn check_refused(&self, name: &str) -> Result<(), String> {
-        match proto::probe(&self.cfg.listen, self.cfg.port, name, self.cfg.check_timeout).await {
+        match proto::probe(
+            &self.cfg.listen,
+            self.cfg.port,
+            name,
+            self.cfg.check_timeout,
+        )
+        .await
+        {
             Ok(p) if matches!(p.open, Open::Refused { .. }) => Ok(()),
-            Ok(_) => Err(format!("export {name} still accepts connections after withdrawal")),
+            Ok(_) => Err(format!(
+                "export {name} still accepts connections after withdrawal"
+            )),
             // A server that does not answer serves nothing.
             Err(NbdError::Io(_)) => Ok(()),
             Err(NbdError::TlsRequired) => Ok(()),
@@ -524,8 +552,13 @@ impl Manager {
         if self.pending == NbdStats::default() {
             return;
         }
-        match db::bump_nbd_stats(&self.pool, &self.host, self.cfg.engine.as_str(), &self.pending)
-            .await
+        match db::bump_nbd_stats(
+            &self.pool,
+            &self.host,
+            self.cfg.engine.as_str(),
+            &self.pending,
+        )
+        .await
         {
             Ok(()) => self.pending = NbdStats::default(),
             Err(e) => debug!(cause = %e, "cannot record NBD counters yet"),

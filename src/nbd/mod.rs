@@ -41,7 +41,9 @@ impl ExportName {
 
     /// The volume a `vol-<uuid>` name belongs to.
     pub fn volume(&self) -> Option<Uuid> {
-        self.0.strip_prefix("vol-").and_then(crate::contract::parse_uuid)
+        self.0
+            .strip_prefix("vol-")
+            .and_then(crate::contract::parse_uuid)
     }
 }
 
@@ -83,7 +85,9 @@ pub fn validate_name(s: &str) -> Result<(), InvalidExport> {
 /// Paths go into nbd-server configuration lines: refuse anything that could
 /// end the line, open a section, start a key or a comment, or climb the tree.
 pub fn validate_path(p: &Path) -> Result<(), InvalidExport> {
-    let s = p.to_str().ok_or_else(|| InvalidExport(format!("path {p:?} is not UTF-8")))?;
+    let s = p
+        .to_str()
+        .ok_or_else(|| InvalidExport(format!("path {p:?} is not UTF-8")))?;
     let bad = |why: &str| Err(InvalidExport(format!("path {s:?} {why}")));
     if !p.is_absolute() {
         return bad("is not absolute");
@@ -97,7 +101,9 @@ pub fn validate_path(p: &Path) -> Result<(), InvalidExport> {
     {
         return bad(&format!("contains the character {c:?}"));
     }
-    if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    if p.components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
         return bad("contains `..` or `.` components");
     }
     Ok(())
@@ -151,46 +157,6 @@ impl ExportSpec {
             )));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_strict() {
-        let vol = Uuid::new_v4();
-        assert!(validate_name(ExportName::for_volume(vol).as_str()).is_ok());
-        assert_eq!(ExportName::for_volume(vol).volume(), Some(vol));
-        for bad in [
-            "", "a\nb", "[generic]", "a=b", "a/b", "..", "a..b", "ünï", "-lead", "UPPER",
-            "sp ace", &"x".repeat(65),
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn paths_are_strict_and_must_be_the_volume_link() {
-        let vol = Uuid::new_v4();
-        let dir = Path::new("/dev/disk/by-id");
-        let good = dir.join(by_id_name(vol));
-        assert!(ExportSpec::new(vol, &good, dir).is_ok());
-        for bad in [
-            "/dev/vdc".to_string(),
-            format!("/dev/disk/by-id/{}\n[x]", by_id_name(vol)),
-            format!("/dev/disk/by-id/../by-id/{}", by_id_name(vol)),
-            format!("/dev/disk/by-id/{}=1", by_id_name(vol)),
-            format!("/dev/disk/by-îd/{}", by_id_name(vol)),
-            format!("dev/disk/by-id/{}", by_id_name(vol)),
-            format!("/dev/disk/by-id/{}", by_id_name(Uuid::new_v4())),
-        ] {
-            assert!(ExportSpec::new(vol, Path::new(&bad), dir).is_err(), "{bad:?} accepted");
-        }
-        let mut spec = ExportSpec::new(vol, &good, dir).expect("valid");
-        spec.volume = Uuid::new_v4();
-        assert!(spec.validate().is_err(), "a name never serves another volume");
     }
 }
 
@@ -258,5 +224,61 @@ pub fn remove_if_present(p: &Path) -> std::io::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_strict() {
+        let vol = Uuid::new_v4();
+        assert!(validate_name(ExportName::for_volume(vol).as_str()).is_ok());
+        assert_eq!(ExportName::for_volume(vol).volume(), Some(vol));
+        for bad in [
+            "",
+            "a\nb",
+            "[generic]",
+            "a=b",
+            "a/b",
+            "..",
+            "a..b",
+            "ünï",
+            "-lead",
+            "UPPER",
+            "sp ace",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn paths_are_strict_and_must_be_the_volume_link() {
+        let vol = Uuid::new_v4();
+        let dir = Path::new("/dev/disk/by-id");
+        let good = dir.join(by_id_name(vol));
+        assert!(ExportSpec::new(vol, &good, dir).is_ok());
+        for bad in [
+            "/dev/vdc".to_string(),
+            format!("/dev/disk/by-id/{}\n[x]", by_id_name(vol)),
+            format!("/dev/disk/by-id/../by-id/{}", by_id_name(vol)),
+            format!("/dev/disk/by-id/{}=1", by_id_name(vol)),
+            format!("/dev/disk/by-îd/{}", by_id_name(vol)),
+            format!("dev/disk/by-id/{}", by_id_name(vol)),
+            format!("/dev/disk/by-id/{}", by_id_name(Uuid::new_v4())),
+        ] {
+            assert!(
+                ExportSpec::new(vol, Path::new(&bad), dir).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        let mut spec = ExportSpec::new(vol, &good, dir).expect("valid");
+        spec.volume = Uuid::new_v4();
+        assert!(
+            spec.validate().is_err(),
+            "a name never serves another volume"
+        );
     }
 }

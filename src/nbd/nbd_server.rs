@@ -82,10 +82,22 @@ impl NbdServer {
         vec![
             ("generic", "port", self.port.to_string()),
             ("generic", "listenaddr", self.listen.clone()),
-            ("generic", "includedir", self.include_dir.display().to_string()),
+            (
+                "generic",
+                "includedir",
+                self.include_dir.display().to_string(),
+            ),
             ("generic", "allowlist", "true".into()),
-            (PLACEHOLDER, "exportname", self.placeholder_image().display().to_string()),
-            (PLACEHOLDER, "authfile", self.authfile(PLACEHOLDER).display().to_string()),
+            (
+                PLACEHOLDER,
+                "exportname",
+                self.placeholder_image().display().to_string(),
+            ),
+            (
+                PLACEHOLDER,
+                "authfile",
+                self.authfile(PLACEHOLDER).display().to_string(),
+            ),
             (PLACEHOLDER, "readonly", "true".into()),
         ]
     }
@@ -111,7 +123,8 @@ impl Ini {
         for line in text.lines() {
             let t = line.trim();
             if t.starts_with('[') && t.ends_with(']') && t.len() >= 2 {
-                ini.sections.push((t[1..t.len() - 1].trim().to_owned(), Vec::new()));
+                ini.sections
+                    .push((t[1..t.len() - 1].trim().to_owned(), Vec::new()));
             } else if let Some((_, lines)) = ini.sections.last_mut() {
                 lines.push(line.to_owned());
             } else {
@@ -142,7 +155,9 @@ impl Ini {
         let lines = &mut self.sections[idx].1;
         lines.retain(|l| {
             l.trim_start().starts_with('#')
-                || l.split_once('=').map(|(k, _)| k.trim() != key).unwrap_or(true)
+                || l.split_once('=')
+                    .map(|(k, _)| k.trim() != key)
+                    .unwrap_or(true)
         });
         let at = lines
             .iter()
@@ -186,8 +201,7 @@ impl Engine for NbdServer {
 
     fn prepare(&self) -> anyhow::Result<()> {
         for d in [&self.include_dir, &self.auth_dir] {
-            std::fs::create_dir_all(d)
-                .with_context(|| format!("cannot create {}", d.display()))?;
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
         let img = self.placeholder_image();
         if !img.exists() {
@@ -372,9 +386,17 @@ mod tests {
         e.prepare().expect("repair");
         let ini = Ini::parse(&std::fs::read_to_string(&cfg).expect("read"));
         assert_eq!(ini.get("generic", "port").as_deref(), Some("10999"));
-        assert_eq!(ini.get("generic", "user").as_deref(), Some("nbd"), "other keys kept");
+        assert_eq!(
+            ini.get("generic", "user").as_deref(),
+            Some("nbd"),
+            "other keys kept"
+        );
         assert_eq!(ini.get("generic", "allowlist").as_deref(), Some("true"));
-        assert_eq!(ini.get("mine", "exportname").as_deref(), Some("/srv/x"), "other sections kept");
+        assert_eq!(
+            ini.get("mine", "exportname").as_deref(),
+            Some("/srv/x"),
+            "other sections kept"
+        );
         assert!(ini.get(PLACEHOLDER, "exportname").is_some());
         let backups = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -402,17 +424,33 @@ mod tests {
             .expect("spec");
         assert!(e.write(&spec).expect("write"), "new section needs a reload");
         let auth = e.authfile(spec.name.as_str());
-        assert_eq!(std::fs::read_to_string(&auth).expect("auth"), "127.0.0.1\n10.0.0.0/8\n");
-        assert_eq!(e.configured().expect("ls"), vec![(spec.name.clone(), spec.path.clone())]);
+        assert_eq!(
+            std::fs::read_to_string(&auth).expect("auth"),
+            "127.0.0.1\n10.0.0.0/8\n"
+        );
+        assert_eq!(
+            e.configured().expect("ls"),
+            vec![(spec.name.clone(), spec.path.clone())]
+        );
         e.started(&[spec.name.to_string()]);
-        assert!(!e.write(&spec).expect("rewrite"), "already loaded: no reload");
+        assert!(
+            !e.write(&spec).expect("rewrite"),
+            "already loaded: no reload"
+        );
 
         e.withdraw(&spec.name).expect("withdraw");
-        assert_eq!(std::fs::read_to_string(&auth).expect("auth"), "", "refuses everyone");
+        assert_eq!(
+            std::fs::read_to_string(&auth).expect("auth"),
+            "",
+            "refuses everyone"
+        );
         assert!(e.configured().expect("ls").is_empty());
         assert_eq!(e.stale(), vec![spec.name.to_string()]);
         e.started(&[spec.name.to_string()]);
-        assert!(auth.exists(), "kept while the server still holds the section");
+        assert!(
+            auth.exists(),
+            "kept while the server still holds the section"
+        );
         e.started(&[]);
         assert!(!auth.exists(), "dropped once the server restarted");
         assert!(e.stale().is_empty());

@@ -63,7 +63,8 @@ impl Engine for Nbdkit {
             .arg("--pidfile")
             .arg(pidfile);
         if let Some(psk) = &self.tls_psk {
-            c.arg("--tls=require").arg(format!("--tls-psk={}", psk.display()));
+            c.arg("--tls=require")
+                .arg(format!("--tls-psk={}", psk.display()));
         }
         c.arg("file").arg(format!("dir={}", self.dir.display()));
         c

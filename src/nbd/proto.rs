@@ -100,11 +100,15 @@ impl Session {
     async fn read_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), NbdError> {
         let magic = self.stream.read_u64().await?;
         if magic != REPLY_MAGIC {
-            return Err(NbdError::Protocol(format!("bad option reply magic {magic:#x}")));
+            return Err(NbdError::Protocol(format!(
+                "bad option reply magic {magic:#x}"
+            )));
         }
         let opt = self.stream.read_u32().await?;
         if opt != option {
-            return Err(NbdError::Protocol(format!("reply to option {opt}, asked {option}")));
+            return Err(NbdError::Protocol(format!(
+                "reply to option {opt}, asked {option}"
+            )));
         }
         let kind = self.stream.read_u32().await?;
         let len = self.stream.read_u32().await?;
@@ -172,12 +176,13 @@ impl Session {
                         }),
                     ));
                 }
-                REP_INFO => {
-                    if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                        let mut s = [0u8; 8];
-                        s.copy_from_slice(&data[2..10]);
-                        size = Some(u64::from_be_bytes(s));
-                    }
+                REP_INFO
+                    if data.len() >= 12
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+                {
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&data[2..10]);
+                    size = Some(u64::from_be_bytes(s));
                 }
                 REP_ERR_TLS_REQD => return Err(NbdError::TlsRequired),
                 k if k & REP_ERR_BIT != 0 => {
@@ -224,7 +229,13 @@ pub struct Transmission {
 }
 
 impl Transmission {
-    async fn request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64, NbdError> {
+    async fn request(
+        &mut self,
+        cmd: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64, NbdError> {
         self.handle += 1;
         let mut buf = Vec::with_capacity(28 + payload.len());
         buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -246,7 +257,9 @@ impl Transmission {
         let error = self.stream.read_u32().await?;
         let got = self.stream.read_u64().await?;
         if got != handle {
-            return Err(NbdError::Protocol(format!("reply for handle {got}, expected {handle}")));
+            return Err(NbdError::Protocol(format!(
+                "reply for handle {got}, expected {handle}"
+            )));
         }
         if error != 0 {
             return Err(NbdError::Protocol(format!("server error {error}")));
@@ -265,7 +278,9 @@ impl Transmission {
 
     /// Writes `data` at `offset`.
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
-        let h = self.request(CMD_WRITE, offset, data.len() as u32, data).await?;
+        let h = self
+            .request(CMD_WRITE, offset, data.len() as u32, data)
+            .await?;
         self.simple_reply(h).await
     }
 
@@ -285,7 +300,12 @@ pub struct Probe {
 
 /// Lists the server's exports, then tries to open `name` and disconnects.
 /// Bounded by `timeout` as a whole.
-pub async fn probe(addr: &str, port: u16, name: &str, timeout: Duration) -> Result<Probe, NbdError> {
+pub async fn probe(
+    addr: &str,
+    port: u16,
+    name: &str,
+    timeout: Duration,
+) -> Result<Probe, NbdError> {
     let work = async {
         let mut s = Session::connect(addr, port).await?;
         let listed = s.list().await?.iter().any(|n| n == name);
