@@ -125,6 +125,10 @@ pub enum AttachmentChange {
     Remove {
         volume_id: Uuid,
     },
+    /// The export was withdrawn but the volume stays attached.
+    RemoveExport {
+        volume_id: Uuid,
+    },
 }
 
 /// An export to record.
@@ -272,6 +276,12 @@ async fn apply_change(
                 .execute(&mut **tx)
                 .await?;
             }
+        }
+        AttachmentChange::RemoveExport { volume_id } => {
+            sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
+                .bind(volume_id)
+                .execute(&mut **tx)
+                .await?;
         }
         AttachmentChange::Remove { volume_id } => {
             sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")

@@ -265,7 +265,14 @@ impl Worker {
             self.step(req.request_id, "export_withdrawn").await;
             if let Some(device) = device {
                 if let Err(e) = self.exports.wait_released(&device).await {
-                    return Outcome::failed(ErrorCode::ExportBusy, e.to_string(), Some(current));
+                    // The export is gone from the server; the database says
+                    // so too, while the attachment stays.
+                    return Outcome {
+                        result: Err((ErrorCode::ExportBusy, e.to_string())),
+                        change: AttachmentChange::RemoveExport { volume_id: vol },
+                        vm_id: Some(current),
+                        export: None,
+                    };
                 }
             }
         }

@@ -2,6 +2,7 @@
 
 mod config_check;
 mod events;
+mod exports;
 mod migrate;
 mod request;
 mod run;
@@ -48,6 +49,8 @@ pub enum Command {
     Detach(request::DetachArgs),
     /// Print completion events as they are published.
     Events(events::EventsArgs),
+    /// List NBD exports with their live status.
+    Exports(exports::ExportsArgs),
     /// Broker topology as code.
     #[command(subcommand)]
     Topology(topology::TopologyCommand),
@@ -69,6 +72,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Attach(a) => request::attach(&cli, a).await,
         Command::Detach(a) => request::detach(&cli, a).await,
         Command::Events(a) => events::run(&cli, a).await,
+        Command::Exports(a) => exports::run(&cli, a).await,
         Command::Topology(c) => topology::run(&cli, c),
     }
 }
@@ -111,6 +115,7 @@ mod tests {
                 "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3",
             ],
             vec!["volumed", "events", "--json"],
+            vec!["volumed", "exports", "--json"],
             vec!["volumed", "topology", "definitions", "--host", "oma-1"],
         ] {
             Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));

@@ -439,57 +439,155 @@ impl Manager {
         }
         self.pending.changes += batch.len() as i64;
 
-        // 2. One reload for the whole batch.
+        // 2. At most one reload for the whole batch.
         if reload {
-            if let Some(pid) = self.server.pid() {
-                match self.engine.reload(pid) {
-                    Some(Ok(())) => {
-                        self.pending.reloads += 1;
-                        info!(host = %self.host, changes = batch.len(), "nbd-server reloaded");
+            let added: Vec<String> = batch
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(r, o)| match (&r.change, o) {
+                    (Change::Add(spec), None) => Some(spec.name.to_string()),
+                    _ => None,
+                })
+                .collect();
+            self.make_visible(&added, batch.len()).await;
+        }
+
+        // 3. Live checks, all at once and without the lock: they only
+        //    read, and another process may need the lock meanwhile (to
+        //    restart a server that died, say).
+        drop(lock);
+        let mut results = self.check_all(&batch, &outcomes).await;
+        let dead = self.server.pid().is_none();
+        if dead && self.cfg.manage && results.iter().any(|r| matches!(r, Some(Err(_)))) {
+            // The change crashed the server: restart it (which reads every
+            // section) and check again what failed.
+            warn!(host = %self.host, "NBD server died during the change; recovering");
+            self.pending.crashes += 1;
+            match self.recover(false).await {
+                Ok(()) => {
+                    let retry: Vec<Option<Result<(), ExportError>>> = results
+                        .iter()
+                        .map(|r| match r {
+                            Some(Err(_)) => None,
+                            _ => Some(Ok(())),
+                        })
+                        .collect();
+                    let again = self.check_all(&batch, &retry).await;
+                    for (r, a) in results.iter_mut().zip(again) {
+                        if a.is_some() {
+                            *r = a;
+                        }
                     }
-                    Some(Err(e)) => warn!(cause = %e, "cannot signal nbd-server"),
-                    None => {}
                 }
+                Err(e) => error!(cause = %format!("{e:#}"), "NBD server restart failed"),
             }
         }
 
-        // 3. Live checks, and undo what failed.
-        for (r, outcome) in batch.iter().zip(outcomes.iter_mut()) {
-            if outcome.is_some() {
-                continue;
-            }
-            let result = match &r.change {
-                Change::Add(spec) => {
-                    let mut checked = self.check_served(spec.name.as_str()).await;
-                    if checked.is_err() && self.server.pid().is_none() && self.cfg.manage {
-                        // The reload crashed the server: restart it (which
-                        // reads every section) and check again.
-                        warn!(export = %spec.name, "NBD server died during the change; recovering");
-                        self.pending.crashes += 1;
-                        checked = match self.recover_locked(false).await {
-                            Ok(()) => self.check_served(spec.name.as_str()).await,
-                            Err(e) => Err(format!("{e:#}")),
-                        };
-                    }
-                    checked.map_err(|why| {
-                        if let Err(e) = self.engine.withdraw(&spec.name) {
-                            error!(export = %spec.name, cause = %e, "cannot undo a failed export");
+        // 4. Undo adds that are not live, under the lock again.
+        let undo: Vec<&ExportName> = batch
+            .iter()
+            .zip(&results)
+            .filter_map(|(r, res)| match (&r.change, res) {
+                (Change::Add(spec), Some(Err(_))) => Some(&spec.name),
+                _ => None,
+            })
+            .collect();
+        if !undo.is_empty() {
+            match self.lock().await {
+                Ok(_lock) => {
+                    for name in undo {
+                        if let Err(e) = self.engine.withdraw(name) {
+                            error!(export = %name, cause = %e, "cannot undo a failed export");
                         }
-                        ExportError::Failed(format!("export {} is not live: {why}", spec.name))
-                    })
+                    }
                 }
+                Err(e) => error!(cause = %format!("{e:#}"), "cannot undo failed exports"),
+            }
+        }
+        for ((r, outcome), checked) in batch.into_iter().zip(outcomes).zip(results) {
+            let result = outcome
+                .or(checked)
+                .unwrap_or_else(|| Err(ExportError::Failed("not applied".into())));
+            let _ = r.reply.send(result);
+        }
+    }
+
+    /// Checks every change of a batch that has no outcome yet, concurrently,
+    /// so a batch waits one check timeout at most.
+    async fn check_all(
+        &self,
+        batch: &[Request],
+        outcomes: &[Option<Result<(), ExportError>>],
+    ) -> Vec<Option<Result<(), ExportError>>> {
+        let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
+            if o.is_some() {
+                return None;
+            }
+            Some(match &r.change {
+                Change::Add(spec) => self.check_served(spec.name.as_str()).await.map_err(|why| {
+                    ExportError::Failed(format!("export {} is not live: {why}", spec.name))
+                }),
                 Change::Withdraw(name) => self
                     .check_refused(name.as_str())
                     .await
                     .map_err(ExportError::Failed),
+            })
+        });
+        futures_util::future::join_all(checks).await
+    }
+
+    /// Makes a running nbd-server serve the exports just added.
+    ///
+    /// While no client is connected, a restart does it: it reads every
+    /// section, drops stale ones, costs nobody a connection, and cannot hit
+    /// the reload crash of nbd-server 3.24. With clients connected, a SIGHUP
+    /// does it (a restart would cut them off); when the reload does not take
+    /// (the server ignored it, or crashed), it is repeated or the server
+    /// recovered.
+    async fn make_visible(&mut self, added: &[String], changes: usize) {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let Some(pid) = self.server.pid() else {
+                if self.cfg.manage {
+                    self.pending.crashes += 1;
+                    if let Err(e) = self.recover_locked(false).await {
+                        error!(cause = %format!("{e:#}"), "NBD server restart failed");
+                    }
+                }
+                return;
             };
-            *outcome = Some(result);
-        }
-        drop(lock);
-        for (r, outcome) in batch.into_iter().zip(outcomes) {
-            let _ = r
-                .reply
-                .send(outcome.unwrap_or_else(|| Err(ExportError::Failed("not applied".into()))));
+            if self.cfg.manage && process::children(pid).is_empty() {
+                info!(host = %self.host, changes, "no client connected: restarting nbd-server to add exports");
+                self.server.stop(Duration::from_secs(5)).await;
+                if let Err(e) = self.recover_locked(false).await {
+                    error!(cause = %format!("{e:#}"), "NBD server restart failed");
+                }
+                return;
+            }
+            match self.engine.reload(pid) {
+                Some(Ok(())) => {
+                    self.pending.reloads += 1;
+                    info!(host = %self.host, changes, attempt, "nbd-server reloaded");
+                }
+                Some(Err(e)) => warn!(cause = %e, "cannot signal nbd-server"),
+                None => return,
+            }
+            // nbd-server acts on SIGHUP between two connections: give it a
+            // moment, then look.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                let listed = proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
+                    .await
+                    .unwrap_or_default();
+                if added.iter().all(|a| listed.contains(a)) {
+                    return;
+                }
+                if self.server.pid().is_none() || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            warn!(attempt, "nbd-server did not take the reload");
         }
     }
 
@@ -515,7 +613,10 @@ impl Manager {
                 }
                 Err(e) => {
                     last = e.to_string();
-                    if self.server.pid().is_none() {
+                    // A managed server that is gone is recovered by the
+                    // caller; an external one may be restarting: keep
+                    // trying until the deadline.
+                    if self.cfg.manage && self.server.pid().is_none() {
                         return Err(last);
                     }
                 }

@@ -1,0 +1,572 @@
+//! NBD exports end to end, for both engines: real nbdkit and nbd-server
+//! processes on a free port per test, real RabbitMQ and PostgreSQL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Env, WAIT};
+use uuid::Uuid;
+use volumed::client::Outgoing;
+use volumed::contract::{ErrorCode, Event, EventType};
+use volumed::nbd::proto::{self, Open};
+
+const HOST: &str = "oma-n";
+
+fn engine_env(engine: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("VOLUMED_NBD_ENGINE", engine.to_string()),
+        ("VOLUMED_NBD_DRAIN_TIMEOUT_SECS", "1".to_string()),
+        ("VOLUMED_NBD_BATCH_WINDOW_MS", "50".to_string()),
+    ]
+}
+
+fn start(env: &Env, engine: &str, extra: &[(&str, &str)]) -> common::Daemon {
+    let owned = engine_env(engine);
+    let mut all: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    env.start(HOST, &all)
+}
+
+async fn attach(env: &Env, vol: Uuid) -> Event {
+    let client = env.client().await;
+    let ev = client
+        .request_and_wait(Outgoing::attach(HOST, vol, env.appliance, true), WAIT)
+        .await
+        .expect("attach event");
+    client.close().await;
+    ev
+}
+
+async fn detach(env: &Env, vol: Uuid) -> Event {
+    let client = env.client().await;
+    let ev = client
+        .request_and_wait(Outgoing::detach(HOST, vol, None), WAIT)
+        .await
+        .expect("detach event");
+    client.close().await;
+    ev
+}
+
+fn image(env: &Env, vol: Uuid) -> PathBuf {
+    volumed::backend::local::LocalBackend::image_path(&env.data_dir(HOST), vol)
+}
+
+fn uri(env: &Env, name: &str) -> String {
+    format!("nbd://127.0.0.1:{}/{name}", env.nbd_port(HOST))
+}
+
+/// Writes a 1 MiB pattern through the export with qemu-io.
+fn qemu_write(env: &Env, name: &str, byte: u8) -> std::process::Output {
+    Command::new("qemu-io")
+        .args(["-f", "raw", &uri(env, name), "-c"])
+        .arg(format!("write -P {byte:#x} 0 1M"))
+        .output()
+        .expect("qemu-io runs (scripts/ensure-services.sh installs qemu-utils)")
+}
+
+fn first_mib(p: &Path) -> Vec<u8> {
+    let data = std::fs::read(p).expect("volume file");
+    data[..1 << 20].to_vec()
+}
+
+async fn probe(env: &Env, name: &str) -> proto::Probe {
+    proto::probe(
+        "127.0.0.1",
+        env.nbd_port(HOST),
+        name,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("server answers")
+}
+
+fn is_served(p: &proto::Probe) -> bool {
+    p.listed && matches!(p.open, Open::Served { .. })
+}
+
+/// What the engine's configuration holds for an export.
+fn config_mentions(env: &Env, engine: &str, name: &str) -> bool {
+    let data = env.data_dir(HOST);
+    match engine {
+        "nbdkit" => common::exists(&data.join("exports").join(name)),
+        _ => data
+            .join("nbd-server")
+            .join("conf.d")
+            .join(format!("{name}.conf"))
+            .exists(),
+    }
+}
+
+async fn attach_serves_the_volume_and_data_round_trips(engine: &str) {
+    let env = Env::new(&format!("nbd_rt_{}", engine.replace('-', "_"))).await;
+    let _d = start(&env, engine, &[]);
+    let vol = env.create_volume(HOST);
+    let ev = attach(&env, vol).await;
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    let export = ev.export.expect("export in the event");
+    assert_eq!(export.name, format!("vol-{vol}"));
+    assert_eq!(export.port, env.nbd_port(HOST));
+
+    let out = Command::new("nbdinfo")
+        .args(["--list", &format!("nbd://127.0.0.1:{}", export.port)])
+        .output()
+        .expect("nbdinfo runs");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains(&format!("export=\"{}\"", export.name)),
+        "{listing}"
+    );
+
+    let out = qemu_write(&env, &export.name, 0x5a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        first_mib(&image(&env, vol)).iter().all(|b| *b == 0x5a),
+        "data reached the volume"
+    );
+
+    let engine_col: String =
+        sqlx::query_scalar("SELECT engine FROM nbd_exports WHERE volume_id = $1")
+            .bind(vol)
+            .fetch_one(&env.pool)
+            .await
+            .expect("export row");
+    assert_eq!(engine_col, engine);
+    let out = env.cli(HOST, &["exports"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&export.name) && text.contains("live"),
+        "{text}"
+    );
+}
+
+async fn detach_withdraws_the_export(engine: &str) {
+    let env = Env::new(&format!("nbd_wd_{}", engine.replace('-', "_"))).await;
+    let _d = start(&env, engine, &[]);
+    let vol = env.create_volume(HOST);
+    let name = attach(&env, vol).await.export.expect("export").name;
+
+    // A client connected before the detach: the export is withdrawn (new
+    // connections refused) but the detach fails with export_busy rather than
+    // pull the device from under the client, and the volume stays attached.
+    let session = proto::Session::connect("127.0.0.1", env.nbd_port(HOST))
+        .await
+        .expect("connect");
+    let (open, held) = session.go(&name).await.expect("go");
+    assert!(matches!(open, Open::Served { .. }));
+    let mut held = held.expect("transmission");
+    let ev = detach(&env, vol).await;
+    assert_eq!(ev.event_type, EventType::DetachFailed, "{ev:?}");
+    assert_eq!(
+        ev.error.as_ref().expect("error").code,
+        ErrorCode::ExportBusy
+    );
+    assert!(
+        !is_served(&probe(&env, &name).await),
+        "new connections refused"
+    );
+    assert!(!config_mentions(&env, engine, &name));
+    assert_eq!(
+        held.read(0, 512)
+            .await
+            .expect("old connection still works")
+            .len(),
+        512
+    );
+    held.disconnect().await;
+
+    let ev = detach(&env, vol).await;
+    assert_eq!(ev.event_type, EventType::DetachSucceeded, "{ev:?}");
+    let p = probe(&env, &name).await;
+    assert!(matches!(p.open, Open::Refused { .. }), "{p:?}");
+    assert!(!config_mentions(&env, engine, &name));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM nbd_exports")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0);
+    if engine == "nbd-server" {
+        // The section nbd-server still held is dropped by an idle restart,
+        // and with it the emptied authfile.
+        let auth = env
+            .data_dir(HOST)
+            .join("nbd-server/volumed-auth")
+            .join(format!("{name}.allow"));
+        let start = std::time::Instant::now();
+        while probe(&env, &name).await.listed || auth.exists() {
+            assert!(start.elapsed() < WAIT, "stale section never dropped");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn forty_concurrent_attaches_are_all_live(engine: &str) {
+    let env = Env::new(&format!("nbd_40_{}", engine.replace('-', "_"))).await;
+    let d = start(&env, engine, &[("VOLUMED_WORKERS", "8")]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    // A client stays connected to one export during the burst, as a
+    // replication agent would: nbd-server must then reload, not restart.
+    let holder = env.create_volume(HOST);
+    let holder_name = attach(&env, holder).await.export.expect("export").name;
+    let (_, held) = proto::Session::connect("127.0.0.1", env.nbd_port(HOST))
+        .await
+        .expect("connect")
+        .go(&holder_name)
+        .await
+        .expect("go");
+    let held = held.expect("served");
+    let vols: Vec<Uuid> = (0..40).map(|_| env.create_volume(HOST)).collect();
+    for &v in &vols {
+        client
+            .publish(&Outgoing::attach(HOST, v, env.appliance, true))
+            .await
+            .expect("publish");
+    }
+    // Kill the server in the middle of the burst: the daemon must notice,
+    // restart it and still serve every export.
+    let mut events = Vec::new();
+    while events.len() < 10 {
+        events.push(sub.next(WAIT).await.expect("events").expect("event"));
+    }
+    let pidfile = env.data_dir(HOST).join(format!("{engine}.pid"));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    while events.len() < 40 {
+        events.push(sub.next(WAIT).await.expect("events").expect("event"));
+    }
+    let failed: Vec<&Event> = events
+        .iter()
+        .filter(|e| !e.event_type.succeeded())
+        .collect();
+    // A request caught by the kill fails retryably; send it again, as a
+    // client would.
+    for e in &failed {
+        assert!(e.error.as_ref().expect("error").retryable, "{e:?}");
+        let ev = attach(&env, e.volume_id.expect("volume")).await;
+        assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    }
+    drop(held);
+    for &v in vols.iter().chain([&holder]) {
+        let p = probe(&env, &format!("vol-{v}")).await;
+        assert!(is_served(&p), "vol-{v}: {p:?}");
+    }
+    let (reloads, crashes, restarts): (i64, i64, i64) =
+        sqlx::query_as("SELECT reloads, crashes, restarts FROM nbd_stats WHERE host = $1")
+            .bind(HOST)
+            .fetch_one(&env.pool)
+            .await
+            .expect("stats");
+    assert!(crashes >= 1, "the kill was noticed");
+    assert!(restarts >= 2, "started, then restarted");
+    if engine == "nbd-server" {
+        let logged = d
+            .log()
+            .iter()
+            .filter(|l| l.contains("nbd-server reloaded"))
+            .count();
+        eprintln!(
+            "nbd-server: {reloads} reloads ({logged} logged) for 40 exports, {crashes} crashes"
+        );
+        assert!(reloads < 40, "reloads are batched: {reloads}");
+        assert!(reloads >= 1, "a connected client forces reloads");
+        assert!(logged as i64 <= reloads);
+    } else {
+        assert_eq!(reloads, 0, "nbdkit needs no reload");
+    }
+    client.close().await;
+}
+
+async fn two_daemons_sharing_one_config_never_corrupt_it(engine: &str) {
+    let env = Env::new(&format!("nbd_two_{}", engine.replace('-', "_"))).await;
+    let shared = env.dir.path().join("shared");
+    let config = match engine {
+        "nbdkit" => shared.join("exports"),
+        _ => shared.join("config"),
+    };
+    let port = env.nbd_port(HOST).to_string();
+    let common_env = |manage: &str| {
+        let mut v = engine_env(engine);
+        v.push(("VOLUMED_NBD_CONFIG", config.display().to_string()));
+        v.push((
+            "VOLUMED_NBD_PIDFILE",
+            shared.join("server.pid").display().to_string(),
+        ));
+        v.push(("VOLUMED_NBD_PORT", port.clone()));
+        v.push(("VOLUMED_NBD_MANAGE", manage.to_string()));
+        v
+    };
+    let a_env = common_env("true");
+    let b_env = common_env("false");
+    let a_pairs: Vec<(&str, &str)> = a_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b_pairs: Vec<(&str, &str)> = b_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _a = env.start("oma-a", &a_pairs);
+    let _b = env.start("oma-b", &b_pairs);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let mut names = Vec::new();
+    for i in 0..20 {
+        let host = if i % 2 == 0 { "oma-a" } else { "oma-b" };
+        let v = env.create_volume(host);
+        names.push(format!("vol-{v}"));
+        client
+            .publish(&Outgoing::attach(host, v, env.appliance, true))
+            .await
+            .expect("publish");
+    }
+    let events = common::collect_events(&mut sub, 20, Duration::from_millis(200)).await;
+    for evs in events.values() {
+        assert_eq!(
+            evs[0].event_type,
+            EventType::AttachSucceeded,
+            "{:?}",
+            evs[0]
+        );
+    }
+    // The configuration parses and holds every export exactly once.
+    match engine {
+        "nbdkit" => {
+            let mut found: Vec<String> = std::fs::read_dir(&config)
+                .expect("export dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            found.sort();
+            names.sort();
+            assert_eq!(found, names, "no temporary or torn entries");
+        }
+        _ => {
+            let base = volumed::nbd::nbd_server::Ini::parse(
+                &std::fs::read_to_string(&config).expect("base config"),
+            );
+            assert_eq!(base.get("generic", "allowlist").as_deref(), Some("true"));
+            assert_eq!(base.get("generic", "port").as_deref(), Some(port.as_str()));
+            let mut found = Vec::new();
+            for e in std::fs::read_dir(shared.join("conf.d")).expect("conf.d") {
+                let e = e.expect("entry");
+                let text = std::fs::read_to_string(e.path()).expect("section");
+                let ini = volumed::nbd::nbd_server::Ini::parse(&text);
+                assert_eq!(ini.sections.len(), 1, "{text}");
+                let name = ini.sections[0].0.clone();
+                assert!(ini.get(&name, "exportname").is_some(), "{text}");
+                assert!(ini.get(&name, "authfile").is_some(), "{text}");
+                found.push(name);
+            }
+            found.sort();
+            names.sort();
+            assert_eq!(found, names);
+        }
+    }
+    for n in &names {
+        let p = probe(&env, n).await;
+        assert!(is_served(&p), "{n}: {p:?}");
+    }
+    client.close().await;
+}
+
+async fn a_name_never_serves_another_volume(engine: &str) {
+    let env = Env::new(&format!("nbd_reuse_{}", engine.replace('-', "_"))).await;
+    let _d = start(&env, engine, &[]);
+    let a = env.create_volume(HOST);
+    let name_a = attach(&env, a).await.export.expect("export").name;
+    assert!(qemu_write(&env, &name_a, 0xaa).status.success());
+    assert_eq!(detach(&env, a).await.event_type, EventType::DetachSucceeded);
+
+    let b = env.create_volume(HOST);
+    let name_b = attach(&env, b).await.export.expect("export").name;
+    assert_ne!(name_a, name_b);
+    assert!(qemu_write(&env, &name_b, 0xbb).status.success());
+    let p = probe(&env, &name_a).await;
+    assert!(
+        matches!(p.open, Open::Refused { .. }),
+        "old name refused: {p:?}"
+    );
+    assert!(
+        first_mib(&image(&env, a)).iter().all(|x| *x == 0xaa),
+        "a untouched"
+    );
+    assert!(first_mib(&image(&env, b)).iter().all(|x| *x == 0xbb));
+    let out = qemu_write(&env, &name_a, 0xcc);
+    assert!(!out.status.success(), "writing through the old name fails");
+    assert!(
+        first_mib(&image(&env, b)).iter().all(|x| *x == 0xbb),
+        "b untouched"
+    );
+}
+
+async fn a_server_killed_while_idle_comes_back_with_its_exports(engine: &str) {
+    let env = Env::new(&format!("nbd_kill_{}", engine.replace('-', "_"))).await;
+    let _d = start(&env, engine, &[]);
+    let vols: Vec<Uuid> = (0..2).map(|_| env.create_volume(HOST)).collect();
+    for &v in &vols {
+        assert_eq!(attach(&env, v).await.event_type, EventType::AttachSucceeded);
+    }
+    let pidfile = env.data_dir(HOST).join(format!("{engine}.pid"));
+    let old: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let start = std::time::Instant::now();
+    loop {
+        let now = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if matches!(now, Some(p) if p != old) {
+            let mut all = true;
+            for &v in &vols {
+                all &= proto::probe(
+                    "127.0.0.1",
+                    env.nbd_port(HOST),
+                    &format!("vol-{v}"),
+                    Duration::from_secs(2),
+                )
+                .await
+                .map(|p| is_served(&p))
+                .unwrap_or(false);
+            }
+            if all {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "server not restarted with its exports"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And it keeps working.
+    let v = env.create_volume(HOST);
+    assert_eq!(attach(&env, v).await.event_type, EventType::AttachSucceeded);
+}
+
+macro_rules! both_engines {
+    ($($scenario:ident),* $(,)?) => {
+        mod nbdkit {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario("nbdkit").await
+                }
+            )*
+        }
+        mod nbd_server {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario("nbd-server").await
+                }
+            )*
+        }
+    };
+}
+
+both_engines!(
+    attach_serves_the_volume_and_data_round_trips,
+    detach_withdraws_the_export,
+    forty_concurrent_attaches_are_all_live,
+    two_daemons_sharing_one_config_never_corrupt_it,
+    a_name_never_serves_another_volume,
+    a_server_killed_while_idle_comes_back_with_its_exports,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_and_paths_are_refused_before_anything_is_written() {
+    use volumed::nbd::manager::{ExportError, Exports};
+    use volumed::nbd::{ExportName, ExportSpec};
+    let env = Env::new("nbd_bad").await;
+    for engine in ["nbdkit", "nbd-server"] {
+        let dir = env.dir.path().join(engine);
+        let config = match engine {
+            "nbdkit" => dir.join("exports"),
+            _ => dir.join("config"),
+        };
+        let mut vars: Vec<(String, String)> = env.daemon_env(HOST);
+        vars.push(("VOLUMED_NBD_ENGINE".into(), engine.into()));
+        vars.push(("VOLUMED_NBD_CONFIG".into(), config.display().to_string()));
+        vars.push(("VOLUMED_NBD_PORT".into(), common::free_port().to_string()));
+        vars.push((
+            "VOLUMED_NBD_PIDFILE".into(),
+            dir.join("pid").display().to_string(),
+        ));
+        let map: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        let cfg =
+            volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (exports, task) = Exports::start(&cfg.nbd, HOST, env.pool.clone(), stop.clone());
+
+        let vol = Uuid::new_v4();
+        let good = cfg.device_dir.join(volumed::backend::by_id_name(vol));
+        let bad_paths = [
+            PathBuf::from("/dev/vdc"),
+            PathBuf::from(format!("{}\n[generic]", good.display())),
+            PathBuf::from(format!("{}=x", good.display())),
+            cfg.device_dir
+                .join("..")
+                .join(volumed::backend::by_id_name(vol)),
+            PathBuf::from(format!("{}é", good.display())),
+            cfg.device_dir
+                .join(volumed::backend::by_id_name(Uuid::new_v4())),
+        ];
+        for p in bad_paths {
+            assert!(ExportSpec::new(vol, &p, &cfg.device_dir).is_err(), "{p:?}");
+            let spec = ExportSpec {
+                name: ExportName::for_volume(vol),
+                volume: vol,
+                path: p.clone(),
+            };
+            let r = exports.add(spec).await;
+            assert!(matches!(r, Err(ExportError::Invalid(_))), "{p:?}: {r:?}");
+        }
+        // A name that belongs to another volume.
+        let spec = ExportSpec {
+            name: ExportName::for_volume(Uuid::new_v4()),
+            volume: vol,
+            path: good,
+        };
+        assert!(matches!(
+            exports.add(spec).await,
+            Err(ExportError::Invalid(_))
+        ));
+        for bad in ["a\nb", "[x]", "a=b", "a/b", "..", "völ"] {
+            assert!(ExportName::parse(bad).is_err(), "{bad:?}");
+        }
+        // Nothing of them was written.
+        let written: Vec<String> = match engine {
+            "nbdkit" => std::fs::read_dir(&config)
+                .map(|d| {
+                    d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => std::fs::read_dir(dir.join("conf.d"))
+                .map(|d| {
+                    d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        assert!(written.is_empty(), "{engine}: {written:?}");
+        stop.cancel();
+        task.await.expect("manager stops");
+    }
+}
