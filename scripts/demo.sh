@@ -45,6 +45,10 @@ export VOLUMED_DATA_DIR=$DIR/data
 export VOLUMED_DEVICE_DIR=$DIR/by-id
 export VOLUMED_APPLIANCE_VM_ID=00000000-0000-4000-8000-0000000000a1
 export VOLUMED_WORKERS=4
+# Volumes are served by an nbdkit that volumed starts and supervises, on a
+# port of its own so that a system nbd-server on 10809 is left alone.
+export VOLUMED_NBD_ENGINE=nbdkit
+export VOLUMED_NBD_PORT=${VOLUMED_DEMO_NBD_PORT:-10810}
 # The readiness check below looks for an info-level line.
 export RUST_LOG=${RUST_LOG:-info}
 
@@ -104,10 +108,12 @@ heading "build"
 cargo build --bin volumed
 
 heading "database"
-psql -h 127.0.0.1 -U postgres -tc "select 1 from pg_database where datname='volumed_demo'" \
-    | grep -q 1 || createdb -h 127.0.0.1 -U postgres volumed_demo
+# A fresh database every run: the work directory is new too, and records of
+# an earlier run would name volumes and exports that no longer exist.
+dropdb -h 127.0.0.1 -U postgres --if-exists --force volumed_demo
+createdb -h 127.0.0.1 -U postgres volumed_demo
 "$BIN" migrate
-echo "volumed_demo migrated"
+echo "volumed_demo created and migrated"
 
 heading "start the daemon (log: $DIR/volumed.log)"
 "$BIN" run >"$DIR/volumed.log" 2>&1 &
@@ -127,10 +133,13 @@ heading "record completion events (to $DIR/events.jsonl)"
 "$BIN" events --json >"$DIR/events.jsonl" 2>"$DIR/events.log" &
 events_pid=$!
 # The subscriber's queue must be bound before the first event is published or
-# that event passes it by. It announces nothing we could wait for, so give it
-# a moment; the summary compares the count with what is expected.
-sleep 1
-kill -0 "$events_pid" 2>/dev/null || die "volumed events exited: $(cat "$DIR/events.log")"
+# that event passes it by: wait for it to say so.
+for _ in $(seq 100); do
+    grep -q subscribed "$DIR/events.log" 2>/dev/null && break
+    kill -0 "$events_pid" 2>/dev/null || die "volumed events exited: $(cat "$DIR/events.log")"
+    sleep 0.1
+done
+grep -q subscribed "$DIR/events.log" || die "volumed events did not subscribe within 10 s"
 
 # --- the walk-through -----------------------------------------------------------
 heading "create $VOLUME_COUNT volumes of 64 MiB"
@@ -150,11 +159,34 @@ for id in "${volumes[@]}"; do
 done
 echo "-- devices in $VOLUMED_DEVICE_DIR:"
 ls -l "$VOLUMED_DEVICE_DIR"
+echo "-- exports, as recorded and as the NBD server answers:"
+"$BIN" exports
+
+heading "write through NBD and read back"
+# Each volume gets its own byte pattern, written over NBD with qemu-io, read
+# back over NBD, and compared with the volume's file on disk.
+n=0
+for id in "${volumes[@]}"; do
+    n=$((n + 1))
+    byte=$(printf '0x%02x' $((0xa0 + n)))
+    uri="nbd://127.0.0.1:$VOLUMED_NBD_PORT/vol-$id"
+    qemu-io -f raw "$uri" -c "write -P $byte 0 1M" | tail -n 1
+    qemu-io -f raw "$uri" -c "read -P $byte 0 1M" | tail -n 1
+    expected=$(head -c 1048576 /dev/zero | tr '\0' "\\$(printf '%03o' "$byte")" | md5sum)
+    actual=$(head -c 1048576 "$VOLUMED_DATA_DIR/volumes/$id.img" | md5sum)
+    [ "$expected" = "$actual" ] || die "volume $id does not hold the pattern written through NBD"
+    echo "vol-$id: pattern $byte written over NBD is on the volume"
+done
 
 heading "detach each volume"
 for id in "${volumes[@]}"; do
     echo "-- detach $id"
     "$BIN" detach --volume "$id" --wait
+    # The export was withdrawn before the detach: a new connection fails.
+    if out=$(qemu-io -f raw "nbd://127.0.0.1:$VOLUMED_NBD_PORT/vol-$id" -c "read 0 512" 2>&1); then
+        die "vol-$id still accepts connections after the detach"
+    fi
+    echo "new connection to vol-$id refused: $(printf '%s\n' "$out" | head -n 1)"
 done
 echo "-- devices in $VOLUMED_DEVICE_DIR:"
 ls -l "$VOLUMED_DEVICE_DIR"

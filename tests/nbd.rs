@@ -570,3 +570,110 @@ async fn bad_names_and_paths_are_refused_before_anything_is_written() {
         task.await.expect("manager stops");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdkit_with_a_pre_shared_key_requires_tls() {
+    let env = Env::new("nbd_tls").await;
+    let psk = env.dir.path().join("psk");
+    std::fs::write(&psk, format!("alice:{}\n", Uuid::new_v4().simple())).expect("psk");
+    let psk_s = psk.display().to_string();
+    let _d = start(&env, "nbdkit", &[("VOLUMED_NBD_TLS_PSK", psk_s.as_str())]);
+    let vol = env.create_volume(HOST);
+    let ev = attach(&env, vol).await;
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    let name = ev.export.expect("export").name;
+
+    // Without TLS, nothing is served.
+    let plain = proto::probe(
+        "127.0.0.1",
+        env.nbd_port(HOST),
+        &name,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(plain, Err(proto::NbdError::TlsRequired)),
+        "{plain:?}"
+    );
+    // With the key, the export is there.
+    let uri = format!(
+        "nbds://alice@127.0.0.1:{}/{name}?tls-psk-file={psk_s}",
+        env.nbd_port(HOST)
+    );
+    let ok = Command::new("nbdinfo").arg(&uri).output().expect("nbdinfo");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    assert_eq!(
+        detach(&env, vol).await.event_type,
+        EventType::DetachSucceeded
+    );
+    let gone = Command::new("nbdinfo").arg(&uri).output().expect("nbdinfo");
+    assert!(!gone.status.success(), "withdrawn under TLS too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_live_check_fails_the_change_and_removes_what_was_written() {
+    use volumed::nbd::manager::{ExportError, Exports};
+    use volumed::nbd::ExportSpec;
+    let env = Env::new("nbd_undo").await;
+    for engine in ["nbdkit", "nbd-server"] {
+        let dir = env.dir.path().join(engine);
+        let config = match engine {
+            "nbdkit" => dir.join("exports"),
+            _ => dir.join("config"),
+        };
+        let mut vars: Vec<(String, String)> = env.daemon_env(HOST);
+        vars.push(("VOLUMED_NBD_ENGINE".into(), engine.into()));
+        vars.push(("VOLUMED_NBD_CONFIG".into(), config.display().to_string()));
+        vars.push(("VOLUMED_NBD_PORT".into(), common::free_port().to_string()));
+        vars.push((
+            "VOLUMED_NBD_PIDFILE".into(),
+            dir.join("pid").display().to_string(),
+        ));
+        vars.push(("VOLUMED_NBD_CHECK_TIMEOUT_SECS".into(), "2".into()));
+        let map: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        let cfg =
+            volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (exports, task) = Exports::start(&cfg.nbd, HOST, env.pool.clone(), stop.clone());
+
+        // A well-formed export whose device does not exist: the server
+        // cannot open it, so the live check fails.
+        let vol = Uuid::new_v4();
+        let path = cfg.device_dir.join(volumed::backend::by_id_name(vol));
+        let spec = ExportSpec::new(vol, &path, &cfg.device_dir).expect("valid spec");
+        let r = exports.add(spec).await;
+        assert!(matches!(r, Err(ExportError::Failed(_))), "{engine}: {r:?}");
+        let left: Vec<String> = match engine {
+            "nbdkit" => std::fs::read_dir(&config)
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect(),
+            _ => std::fs::read_dir(dir.join("conf.d"))
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect(),
+        };
+        assert!(left.is_empty(), "{engine}: undone, found {left:?}");
+
+        // Stopping the manager stops the server it started.
+        let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid");
+        stop.cancel();
+        task.await.expect("manager stops");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "{engine}: server stopped with volumed"
+        );
+    }
+}

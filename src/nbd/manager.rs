@@ -357,6 +357,7 @@ impl Manager {
         loop {
             match proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout).await {
                 Ok(names) => return Ok(names),
+                // The server answers; what it serves is checked per export.
                 Err(NbdError::TlsRequired) => return Ok(Vec::new()),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(anyhow!(e)).context("the NBD server does not answer")
