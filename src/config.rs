@@ -55,6 +55,47 @@ impl std::fmt::Display for SecretUrl {
     }
 }
 
+/// A secret string (an API secret key): never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"****\"")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// CloudStack API settings (`VOLUMED_CLOUDSTACK_*`).
+#[derive(Debug, Clone)]
+pub struct CloudStackConfig {
+    /// The API endpoint, e.g. `https://cloud.example/client/api`.
+    pub url: String,
+    pub api_key: String,
+    pub secret_key: Secret,
+    /// One HTTP request, connection included.
+    pub timeout: Duration,
+    /// How long an asynchronous job is polled before the operation gives up.
+    pub job_timeout: Duration,
+    /// Verify the server's TLS certificate (on unless explicitly disabled).
+    pub tls_verify: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Local,
@@ -90,6 +131,8 @@ pub struct Config {
     pub local_latency: Duration,
     pub log_format: LogFormat,
     pub nbd: NbdConfig,
+    /// Present when `VOLUMED_BACKEND=cloudstack`.
+    pub cloudstack: Option<CloudStackConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +207,12 @@ struct FileConfig {
     nbd_batch_window_ms: Option<u64>,
     nbd_check_timeout_secs: Option<u64>,
     nbd_drain_timeout_secs: Option<u64>,
+    cloudstack_url: Option<String>,
+    cloudstack_api_key: Option<String>,
+    cloudstack_secret_key: Option<String>,
+    cloudstack_timeout_secs: Option<u64>,
+    cloudstack_job_timeout_secs: Option<u64>,
+    cloudstack_tls_verify: Option<bool>,
 }
 
 /// Where the file is looked for when neither `--config` nor
@@ -200,6 +249,12 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_NBD_BATCH_WINDOW_MS",
     "VOLUMED_NBD_CHECK_TIMEOUT_SECS",
     "VOLUMED_NBD_DRAIN_TIMEOUT_SECS",
+    "VOLUMED_CLOUDSTACK_URL",
+    "VOLUMED_CLOUDSTACK_API_KEY",
+    "VOLUMED_CLOUDSTACK_SECRET_KEY",
+    "VOLUMED_CLOUDSTACK_TIMEOUT_SECS",
+    "VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS",
+    "VOLUMED_CLOUDSTACK_TLS_VERIFY",
 ];
 
 impl Config {
@@ -399,6 +454,52 @@ impl Config {
             }
         };
 
+        let cloudstack = if backend == BackendKind::CloudStack {
+            let need = |name: &str, v: Option<String>| {
+                v.with_context(|| format!("{name} is required with VOLUMED_BACKEND=cloudstack"))
+            };
+            let url = need(
+                "VOLUMED_CLOUDSTACK_URL",
+                s("VOLUMED_CLOUDSTACK_URL", file.cloudstack_url),
+            )?;
+            match url::Url::parse(&url) {
+                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+                _ => bail!("VOLUMED_CLOUDSTACK_URL={url:?} is not an http(s) URL"),
+            }
+            let tls_verify = match env("VOLUMED_CLOUDSTACK_TLS_VERIFY") {
+                Some(v) => match v.as_str() {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => bail!("VOLUMED_CLOUDSTACK_TLS_VERIFY={v:?} is not a boolean"),
+                },
+                None => file.cloudstack_tls_verify.unwrap_or(true),
+            };
+            Some(CloudStackConfig {
+                url,
+                api_key: need(
+                    "VOLUMED_CLOUDSTACK_API_KEY",
+                    s("VOLUMED_CLOUDSTACK_API_KEY", file.cloudstack_api_key),
+                )?,
+                secret_key: Secret::new(need(
+                    "VOLUMED_CLOUDSTACK_SECRET_KEY",
+                    s("VOLUMED_CLOUDSTACK_SECRET_KEY", file.cloudstack_secret_key),
+                )?),
+                timeout: secs(
+                    "VOLUMED_CLOUDSTACK_TIMEOUT_SECS",
+                    file.cloudstack_timeout_secs,
+                    30,
+                )?,
+                job_timeout: secs(
+                    "VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS",
+                    file.cloudstack_job_timeout_secs,
+                    600,
+                )?,
+                tls_verify,
+            })
+        } else {
+            None
+        };
+
         Ok(Config {
             host_id,
             amqp_url,
@@ -425,6 +526,7 @@ impl Config {
             local_latency: millis("VOLUMED_LOCAL_LATENCY_MS", file.local_latency_ms, 0)?,
             log_format,
             nbd,
+            cloudstack,
         })
     }
 
@@ -581,6 +683,24 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("****"));
         assert_eq!(c.amqp_url.expose(), "amqp://u:hunter2@mq:5672/%2f");
+    }
+
+    #[test]
+    fn cloudstack_settings_are_required_and_the_secret_is_masked() {
+        let err = load(&[("VOLUMED_BACKEND", "cloudstack")]).expect_err("url missing");
+        assert!(err.to_string().contains("VOLUMED_CLOUDSTACK_URL"), "{err}");
+        let c = load(&[
+            ("VOLUMED_BACKEND", "cloudstack"),
+            ("VOLUMED_CLOUDSTACK_URL", "https://cloud/client/api"),
+            ("VOLUMED_CLOUDSTACK_API_KEY", "key"),
+            ("VOLUMED_CLOUDSTACK_SECRET_KEY", "sup3rsecret"),
+        ])
+        .expect("loads");
+        let shown = format!("{c:?}\n{}", c.render());
+        assert!(!shown.contains("sup3rsecret"), "{shown}");
+        let cs = c.cloudstack.expect("cloudstack settings");
+        assert!(cs.tls_verify, "TLS verification on by default");
+        assert_eq!(cs.secret_key.expose(), "sup3rsecret");
     }
 
     #[test]

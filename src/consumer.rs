@@ -19,15 +19,20 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
+use crate::backend::BackendError;
 use crate::config::Config;
 use crate::contract::{self, Envelope, Event, EventError, Rejection};
 use crate::db::{self, AttachmentChange, Finish, Outgoing};
 use crate::dispatcher::Dispatcher;
 use crate::topology::{self, Topology};
 use crate::worker::{db_retry, Settle, Worker};
+
+/// How often a closed gate asks the backend whether it accepts volumed's
+/// configuration again.
+const RECHECK: Duration = Duration::from_secs(30);
 
 /// Header names added to a message this daemon dead-letters itself.
 pub const REASON_HEADER: &str = "x-volumed-reason";
@@ -63,6 +68,11 @@ impl Consumer {
     /// reconnect cannot fix (a conflicting topology).
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<Stopped> {
         const FIRST: Duration = Duration::from_millis(200);
+        // Credentials are checked once before the first delivery: a
+        // misconfigured daemon should not take messages at all.
+        if let Err(BackendError::Config(reason)) = self.worker.backend.check().await {
+            self.worker.gate.close(reason).await;
+        }
         let mut delay = FIRST;
         loop {
             if stop.is_cancelled() {
@@ -108,35 +118,80 @@ impl Consumer {
         let dead = conn.create_channel().await?;
         dead.confirm_select(ConfirmSelectOptions::default()).await?;
         let queue = topology::request_queue(&cfg.host_id);
-        let tag = format!("volumed-{}-{}", cfg.host_id, Uuid::new_v4().simple());
-        let mut deliveries = ch
-            .basic_consume(
-                &queue,
-                &tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        info!(host = %cfg.host_id, queue, prefetch = cfg.prefetch(), "consuming requests");
         *connected = true;
         let dead = Arc::new(dead);
+        let mut gate = self.worker.gate.watch();
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    // Stop new deliveries; what is already prefetched and
-                    // unread goes back to the queue when the channel closes.
-                    if let Err(e) = ch.basic_cancel(&tag, BasicCancelOptions::default()).await {
-                        warn!(cause = %e, "cannot cancel the consumer cleanly");
-                    }
-                    info!(host = %cfg.host_id, "stopped consuming");
-                    return Ok(conn);
+            // Closed gate: the backend refuses volumed's configuration.
+            // Nothing is consumed; the backend is asked again periodically.
+            while let Some(reason) = self.worker.gate.reason() {
+                error!(host = %cfg.host_id, cause = %reason, retry_in = ?RECHECK,
+                       "not consuming: the backend refuses volumed's configuration");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(conn),
+                    _ = gate.changed() => continue,
+                    _ = tokio::time::sleep(RECHECK) => {}
                 }
-                next = deliveries.next() => match next {
-                    Some(Ok(d)) => self.accept(d, &dead),
-                    Some(Err(e)) => return Err(e).context("request channel failed"),
-                    None => return Err(anyhow!("the broker cancelled the request consumer")),
+                match self.worker.backend.check().await {
+                    Ok(()) => {
+                        info!(host = %cfg.host_id, "the backend accepts volumed's configuration again");
+                        self.worker.gate.open();
+                    }
+                    Err(e) => debug!(cause = %e, "backend check still failing"),
                 }
             }
+            let tag = format!("volumed-{}-{}", cfg.host_id, Uuid::new_v4().simple());
+            let mut deliveries = ch
+                .basic_consume(
+                    &queue,
+                    &tag,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            self.worker.gate.set_consuming(true);
+            info!(host = %cfg.host_id, queue, prefetch = cfg.prefetch(), "consuming requests");
+            let paused = loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break false,
+                    _ = gate.changed() => {
+                        if self.worker.gate.reason().is_some() {
+                            break true;
+                        }
+                    }
+                    next = deliveries.next() => match next {
+                        Some(Ok(d)) => self.accept(d, &dead),
+                        Some(Err(e)) => {
+                            self.worker.gate.set_consuming(false);
+                            return Err(e).context("request channel failed");
+                        }
+                        None => {
+                            self.worker.gate.set_consuming(false);
+                            return Err(anyhow!("the broker cancelled the request consumer"));
+                        }
+                    }
+                }
+            };
+            // Stop new deliveries; what is prefetched and unread goes back
+            // to the queue when the channel closes.
+            if let Err(e) = ch.basic_cancel(&tag, BasicCancelOptions::default()).await {
+                warn!(cause = %e, "cannot cancel the consumer cleanly");
+            }
+            if !paused {
+                self.worker.gate.set_consuming(false);
+                info!(host = %cfg.host_id, "stopped consuming");
+                return Ok(conn);
+            }
+            // Deliveries already read are in the lanes and settle there;
+            // those prefetched but unread go back to the queue now, or they
+            // would stay unacknowledged on this channel while it is paused.
+            let drain = async {
+                while let Some(Ok(d)) = deliveries.next().await {
+                    let _ = d.acker.reject(BasicRejectOptions { requeue: true }).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            self.worker.gate.set_consuming(false);
         }
     }
 
@@ -211,6 +266,7 @@ impl Consumer {
                     retryable: false,
                 }),
                 attempts: 1,
+                cloud_device_id: None,
             };
             let finish = Finish {
                 host: &self.config.host_id,

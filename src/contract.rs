@@ -489,6 +489,10 @@ pub struct Event {
     pub export: Option<ExportInfo>,
     pub error: Option<EventError>,
     pub attempts: i32,
+    /// The device id the cloud assigned to the volume on its VM (a
+    /// failover attach reports where the volume landed).
+    #[serde(default)]
+    pub cloud_device_id: Option<i64>,
 }
 
 #[cfg(test)]
@@ -615,6 +619,7 @@ mod tests {
                 retryable: false,
             }),
             attempts: 1,
+            cloud_device_id: None,
         };
         let v = serde_json::to_value(&ev).expect("serialisable");
         assert_eq!(v["type"], "volume.detach.failed");

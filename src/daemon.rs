@@ -6,19 +6,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::backend::cloudstack::CloudStackBackend;
 use crate::backend::local::LocalBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
 use crate::consumer::{Consumer, Stopped};
 use crate::db;
 use crate::dispatcher::Dispatcher;
+use crate::gate::Gate;
 use crate::nbd::manager::Exports;
 use crate::relay::Relay;
-use crate::worker::Worker;
+use crate::worker::{VmLocks, Worker};
 
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -40,7 +42,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ))
         }
         BackendKind::CloudStack => {
-            bail!("VOLUMED_BACKEND=cloudstack is not available in this version; use local")
+            let cs = config
+                .cloudstack
+                .as_ref()
+                .context("VOLUMED_BACKEND=cloudstack without CloudStack settings")?;
+            Arc::new(
+                CloudStackBackend::new(cs, appliance_vm)
+                    .map_err(|e| anyhow::anyhow!("cannot set up the CloudStack client: {e}"))?,
+            )
         }
     };
 
@@ -63,6 +72,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         device_dir: config.device_dir.clone(),
         device_timeout: config.device_timeout,
         exports,
+        gate: Arc::new(Gate::default()),
+        vm_locks: VmLocks::default(),
     });
     let dispatcher = Arc::new(Dispatcher::new(config.workers));
     let consumer = Arc::new(Consumer {

@@ -45,8 +45,12 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 /// What the journal says about a request when a worker picks it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
-    /// First or renewed attempt; the number of this attempt.
-    Run { attempts: i32 },
+    /// First or renewed attempt: the number of this attempt, and the
+    /// backend job an earlier attempt started, if any.
+    Run {
+        attempts: i32,
+        cloud_job: Option<String>,
+    },
     /// Already terminal: its event is in the outbox; do nothing.
     Done { state: String },
     /// The id is journalled for a different operation or volume.
@@ -68,7 +72,7 @@ pub async fn start_operation(
             SET attempts = operations.attempts + 1, updated_at = now()
             WHERE operations.state = 'running' AND operations.op = EXCLUDED.op
               AND operations.volume_id IS NOT DISTINCT FROM EXCLUDED.volume_id
-         RETURNING attempts",
+         RETURNING attempts, cloud_job_id",
     )
     .bind(req.request_id)
     .bind(host)
@@ -82,6 +86,7 @@ pub async fn start_operation(
     match row {
         Some(r) => Ok(Start::Run {
             attempts: r.try_get("attempts")?,
+            cloud_job: r.try_get("cloud_job_id")?,
         }),
         None => {
             let (state, op, volume): (String, String, Option<Uuid>) =
@@ -107,6 +112,23 @@ pub async fn record_step(pool: &PgPool, request_id: Uuid, step: &str) -> Result<
         .bind(step)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// Journals the backend job an operation started, before it is polled.
+pub async fn record_cloud_job(
+    pool: &PgPool,
+    request_id: Uuid,
+    job: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE operations SET cloud_job_id = $2, step = 'backend_job_started', updated_at = now()
+          WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .bind(job)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -12,11 +12,12 @@ use sqlx::PgPool;
 use tracing::{error, info, instrument, warn, Span};
 use uuid::Uuid;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Started, VolumeState};
 use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, ExportInfo, Op, Request};
 use crate::db::{self, AttachmentChange, Finish, NewExport, Outgoing, Start};
 use crate::device;
 use crate::failpoint;
+use crate::gate::Gate;
 use crate::nbd::manager::{ExportError, Exports};
 use crate::nbd::{ExportName, ExportSpec};
 
@@ -42,6 +43,11 @@ struct Outcome {
     vm_id: Option<Uuid>,
     /// The export the event names.
     export: Option<ExportInfo>,
+    /// The device id the cloud assigned.
+    cloud_device_id: Option<i64>,
+    /// Set when the backend refused volumed's configuration: nothing is
+    /// committed, consumption stops and the message goes back.
+    halt: Option<String>,
 }
 
 impl Outcome {
@@ -51,11 +57,28 @@ impl Outcome {
             change: AttachmentChange::None,
             vm_id,
             export: None,
+            cloud_device_id: None,
+            halt: None,
         }
     }
 
     fn backend(e: BackendError, vm_id: Option<Uuid>) -> Self {
-        Outcome::failed(e.code(), e.to_string(), vm_id)
+        let mut o = Outcome::failed(e.code(), e.to_string(), vm_id);
+        if let BackendError::Config(msg) = e {
+            o.halt = Some(msg);
+        }
+        o
+    }
+
+    fn done(change: AttachmentChange, vm_id: Option<Uuid>) -> Self {
+        Outcome {
+            result: Ok(None),
+            change,
+            vm_id,
+            export: None,
+            cloud_device_id: None,
+            halt: None,
+        }
     }
 }
 
@@ -67,6 +90,29 @@ pub struct Worker {
     pub device_dir: PathBuf,
     pub device_timeout: Duration,
     pub exports: Arc<Exports>,
+    pub gate: Arc<Gate>,
+    pub vm_locks: VmLocks,
+}
+
+/// One async lock per VM. CloudStack numbers a VM's disks itself, and two
+/// attaches to one VM at once collide on the device id, so attach and detach
+/// jobs of one VM run one at a time (different VMs in parallel). The lock is
+/// held across the cloud call and the job wait: that is its purpose. One
+/// entry per VM ever seen is kept; a wave touches tens to hundreds of VMs.
+#[derive(Default)]
+pub struct VmLocks {
+    map: std::sync::Mutex<std::collections::HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VmLocks {
+    pub async fn lock(&self, vm: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            // Held only to clone the entry; nothing is awaited under it.
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(map.entry(vm).or_default())
+        };
+        m.lock_owned().await
+    }
 }
 
 impl Worker {
@@ -80,8 +126,11 @@ impl Worker {
             db::start_operation(&self.pool, &self.host, req)
         })
         .await;
-        let attempts = match start {
-            Ok(Start::Run { attempts }) => attempts,
+        let (attempts, resumed) = match start {
+            Ok(Start::Run {
+                attempts,
+                cloud_job,
+            }) => (attempts, cloud_job),
             Ok(Start::Done { state }) => {
                 info!(
                     state,
@@ -109,44 +158,75 @@ impl Worker {
         Span::current().record("attempt", attempts);
 
         let outcome = match req.op {
-            Op::Attach => self.attach(req).await,
-            Op::Detach => self.detach(req).await,
+            Op::Attach => self.attach(req, resumed).await,
+            Op::Detach => self.detach(req, resumed).await,
         };
+        if let Some(reason) = &outcome.halt {
+            error!(cause = %reason,
+                   "the backend refuses volumed's configuration; stopping consumption until it accepts it");
+            self.gate.close(reason.clone()).await;
+            return Settle::Requeue;
+        }
         failpoint::hit("before_commit").await;
         let settle = self.commit(req, attempts, outcome).await;
         failpoint::hit("after_commit").await;
         settle
     }
 
-    async fn attach(&self, req: &Request) -> Outcome {
+    async fn attach(&self, req: &Request, resumed: Option<String>) -> Outcome {
         // The decoder guarantees a VM for attach; keep the worker total.
         let Some(vm) = req.vm_id else {
             return Outcome::failed(ErrorCode::MissingField, "attach needs vm_id", None);
         };
         let vol = req.volume_id;
-        let state = match self.backend.volume(vol).await {
-            Ok(s) => s,
-            Err(e) => return Outcome::backend(e, Some(vm)),
-        };
-        match state.attached_to {
-            Some(current) if current == vm => {
-                info!("volume already attached to this VM; no backend call");
+        let is_done = |s: &VolumeState| s.attached_to == Some(vm);
+        let state = if let Some(job) = resumed {
+            // An earlier attempt started a job and died: wait for that job
+            // rather than start a second attach.
+            info!(job, "resuming the backend job of an earlier attempt");
+            match self
+                .change(req.request_id, vol, vm, Some(job), is_done, || async {
+                    Ok(Started::Done)
+                })
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return Outcome::backend(e, Some(vm)),
             }
-            Some(other) => {
-                return Outcome::failed(
-                    ErrorCode::VolumeAttachedElsewhere,
-                    format!("volume {vol} is attached to VM {other}"),
-                    Some(vm),
-                );
-            }
-            None => {
-                failpoint::hit("before_backend").await;
-                if let Err(e) = self.backend.attach(vol, vm).await {
-                    return Outcome::backend(e, Some(vm));
+        } else {
+            let state = match self.backend.volume(vol).await {
+                Ok(s) => s,
+                Err(e) => return Outcome::backend(e, Some(vm)),
+            };
+            match state.attached_to {
+                Some(current) if current == vm => {
+                    info!("volume already attached to this VM; no backend call");
+                    state
                 }
-                self.step(req.request_id, "backend_attached").await;
+                Some(other) => {
+                    return Outcome::failed(
+                        ErrorCode::VolumeAttachedElsewhere,
+                        format!("volume {vol} is attached to VM {other}"),
+                        Some(vm),
+                    );
+                }
+                None => {
+                    let started = self
+                        .change(req.request_id, vol, vm, None, is_done, || {
+                            self.backend.start_attach(vol, vm)
+                        })
+                        .await;
+                    match started {
+                        Ok(s) => {
+                            self.step(req.request_id, "backend_attached").await;
+                            s
+                        }
+                        Err(e) => return Outcome::backend(e, Some(vm)),
+                    }
+                }
             }
-        }
+        };
+        let cloud_device_id = state.device_id;
         let attached =
             |device: Option<&DeviceInfo>, export: Option<NewExport>| AttachmentChange::Upsert {
                 volume_id: vol,
@@ -157,12 +237,9 @@ impl Worker {
             };
         if vm != self.appliance_vm {
             // Failover: the device appears in another VM, not here.
-            return Outcome {
-                result: Ok(None),
-                change: attached(None, None),
-                vm_id: Some(vm),
-                export: None,
-            };
+            let mut o = Outcome::done(attached(None, None), Some(vm));
+            o.cloud_device_id = cloud_device_id;
+            return o;
         }
         let link = device::link_for(&self.device_dir, vol);
         let Some(dev) = device::wait_for_device(&link, self.device_timeout).await else {
@@ -180,6 +257,8 @@ impl Worker {
                 change: attached(None, None),
                 vm_id: Some(vm),
                 export: None,
+                cloud_device_id: None,
+                halt: None,
             };
         };
         self.step(req.request_id, "device_found").await;
@@ -189,6 +268,8 @@ impl Worker {
                 result: Ok(Some(dev)),
                 vm_id: Some(vm),
                 export: None,
+                cloud_device_id: None,
+                halt: None,
             };
         }
         // From here a failure leaves the volume attached with its device
@@ -198,6 +279,8 @@ impl Worker {
             change: attached(Some(dev), None),
             vm_id: Some(vm),
             export: None,
+            cloud_device_id: None,
+            halt: None,
         };
         let spec = match ExportSpec::new(vol, Path::new(&dev.stable_path), &self.device_dir) {
             Ok(spec) => spec,
@@ -226,11 +309,16 @@ impl Worker {
                 name,
                 port: self.exports.port,
             }),
+            cloud_device_id,
+            halt: None,
         }
     }
 
-    async fn detach(&self, req: &Request) -> Outcome {
+    async fn detach(&self, req: &Request, resumed: Option<String>) -> Outcome {
         let vol = req.volume_id;
+        if let Some(job) = resumed {
+            return self.resume_detach(req, job).await;
+        }
         let state = match self.backend.volume(vol).await {
             Ok(s) => s,
             Err(e) => return Outcome::backend(e, req.vm_id),
@@ -242,6 +330,8 @@ impl Worker {
                 change: AttachmentChange::Remove { volume_id: vol },
                 vm_id: req.vm_id,
                 export: None,
+                cloud_device_id: None,
+                halt: None,
             };
         };
         if let Some(wanted) = req.vm_id {
@@ -272,14 +362,55 @@ impl Worker {
                         change: AttachmentChange::RemoveExport { volume_id: vol },
                         vm_id: Some(current),
                         export: None,
+                        cloud_device_id: None,
+                        halt: None,
                     };
                 }
             }
         }
-        failpoint::hit("before_backend").await;
-        if let Err(e) = self.backend.detach(vol, current).await {
+        let detached = self
+            .change(
+                req.request_id,
+                vol,
+                current,
+                None,
+                |s| s.attached_to.is_none(),
+                || self.backend.start_detach(vol, current),
+            )
+            .await;
+        if let Err(e) = detached {
             return Outcome::backend(e, Some(current));
         }
+        self.detached(req, current).await
+    }
+
+    /// Waits for the detach job an earlier attempt started.
+    async fn resume_detach(&self, req: &Request, job: String) -> Outcome {
+        let vol = req.volume_id;
+        info!(job, "resuming the backend job of an earlier attempt");
+        // The job was started after the export was withdrawn; the VM it
+        // detaches from is the one the volume was on, unknown now: lock on
+        // the appliance when the request names no VM.
+        let vm = req.vm_id.unwrap_or(self.appliance_vm);
+        let r = self
+            .change(
+                req.request_id,
+                vol,
+                vm,
+                Some(job),
+                |s| s.attached_to.is_none(),
+                || async { Ok(Started::Done) },
+            )
+            .await;
+        if let Err(e) = r {
+            return Outcome::backend(e, Some(vm));
+        }
+        self.detached(req, vm).await
+    }
+
+    /// After the backend detached the volume from `current`.
+    async fn detached(&self, req: &Request, current: Uuid) -> Outcome {
+        let vol = req.volume_id;
         self.step(req.request_id, "backend_detached").await;
         if current == self.appliance_vm {
             let link = device::link_for(&self.device_dir, vol);
@@ -298,6 +429,8 @@ impl Worker {
                     change: AttachmentChange::Remove { volume_id: vol },
                     vm_id: Some(current),
                     export: None,
+                    cloud_device_id: None,
+                    halt: None,
                 };
             }
         }
@@ -306,7 +439,70 @@ impl Worker {
             change: AttachmentChange::Remove { volume_id: vol },
             vm_id: Some(current),
             export: None,
+            cloud_device_id: None,
+            halt: None,
         }
+    }
+
+    /// Makes one backend change under the VM's lock: starts it (or resumes
+    /// the job an earlier attempt started), journals its job id before
+    /// waiting, waits, and returns the volume's state afterwards. A job
+    /// that failed or timed out is judged by re-reading the volume: CloudStack
+    /// can report failure for a change that happened anyway.
+    async fn change<F, Fut>(
+        &self,
+        request_id: Uuid,
+        vol: Uuid,
+        vm: Uuid,
+        resumed: Option<String>,
+        is_done: impl Fn(&VolumeState) -> bool,
+        start: F,
+    ) -> Result<VolumeState, BackendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Started, BackendError>>,
+    {
+        let _vm = self.vm_locks.lock(vm).await;
+        let job = match resumed {
+            Some(job) => Some(job),
+            None => {
+                failpoint::hit("before_backend").await;
+                match start().await? {
+                    Started::Done => None,
+                    Started::Job(job) => {
+                        if let Err(e) = db_retry("journal job", || {
+                            db::record_cloud_job(&self.pool, request_id, &job)
+                        })
+                        .await
+                        {
+                            warn!(job, cause = %e, "cannot journal the backend job id");
+                        }
+                        failpoint::hit("after_job_recorded").await;
+                        Some(job)
+                    }
+                }
+            }
+        };
+        if let Some(job) = job {
+            if let Err(e) = self.backend.wait_job(&job).await {
+                if matches!(e, BackendError::Config(_)) {
+                    return Err(e);
+                }
+                let state = self.backend.volume(vol).await?;
+                if is_done(&state) {
+                    warn!(job, cause = %e, "the backend reported the job failed, but it took effect");
+                    return Ok(state);
+                }
+                return Err(e);
+            }
+        }
+        let state = self.backend.volume(vol).await?;
+        if !is_done(&state) {
+            return Err(BackendError::Transient(format!(
+                "the backend finished the change but volume {vol} is not in the expected state"
+            )));
+        }
+        Ok(state)
     }
 
     /// Records a step; failing to record it is logged, not fatal: the step
@@ -346,6 +542,7 @@ impl Worker {
             export: outcome.export.clone(),
             error: error.clone(),
             attempts,
+            cloud_device_id: outcome.cloud_device_id,
         };
         let finish = Finish {
             host: &self.host,

@@ -755,6 +755,7 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
         export: None,
         error: None,
         attempts: 1,
+        cloud_device_id: None,
     };
     sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body)

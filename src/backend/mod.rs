@@ -1,8 +1,10 @@
 //! Volume backends: who really attaches a volume to a VM. `local` (sparse
-//! files on this host, for a single host without a cloud) and, later,
-//! `cloudstack`. The worker reads a volume's state before acting, so every
-//! backend call it makes is one that changes something.
+//! files on this host, for a single host without a cloud) and `cloudstack`.
+//! The worker reads a volume's state before acting, so every backend call it
+//! makes is one that changes something; a change may be an asynchronous job,
+//! whose id the worker journals before waiting for it.
 
+pub mod cloudstack;
 pub mod local;
 
 use async_trait::async_trait;
@@ -15,9 +17,11 @@ use crate::contract::ErrorCode;
 pub struct VolumeState {
     pub id: Uuid,
     pub attached_to: Option<Uuid>,
+    /// The device id the cloud assigned on the VM (CloudStack's `deviceid`).
+    pub device_id: Option<i64>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("volume {0} does not exist")]
     NotFound(Uuid),
@@ -27,25 +31,43 @@ pub enum BackendError {
     /// Refused for good.
     #[error("backend refused: {0}")]
     Permanent(String),
+    /// volumed itself is misconfigured (bad credentials): every request
+    /// would fail the same way, so consumption stops instead.
+    #[error("backend configuration error: {0}")]
+    Config(String),
 }
 
 impl BackendError {
     pub fn code(&self) -> ErrorCode {
         match self {
             BackendError::NotFound(_) => ErrorCode::VolumeNotFound,
-            BackendError::Transient(_) => ErrorCode::BackendUnavailable,
+            BackendError::Transient(_) | BackendError::Config(_) => ErrorCode::BackendUnavailable,
             BackendError::Permanent(_) => ErrorCode::BackendRejected,
         }
     }
 }
 
+/// A change the backend accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    /// Done already.
+    Done,
+    /// Runs as an asynchronous job with this id.
+    Job(String),
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
+    /// Checks that the backend is reachable and accepts volumed's
+    /// credentials.
+    async fn check(&self) -> Result<(), BackendError>;
     async fn volume(&self, id: Uuid) -> Result<VolumeState, BackendError>;
-    /// Attaches a volume that is not attached anywhere.
-    async fn attach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError>;
-    /// Detaches a volume from the VM it is attached to.
-    async fn detach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError>;
+    /// Starts attaching a volume that is not attached anywhere.
+    async fn start_attach(&self, volume: Uuid, vm: Uuid) -> Result<Started, BackendError>;
+    /// Starts detaching a volume from the VM it is attached to.
+    async fn start_detach(&self, volume: Uuid, vm: Uuid) -> Result<Started, BackendError>;
+    /// Waits for a job to finish (bounded by the backend's job timeout).
+    async fn wait_job(&self, job: &str) -> Result<(), BackendError>;
 }
 
 /// The virtio serial a KVM guest sees for a volume: its id without hyphens,
