@@ -371,6 +371,12 @@ impl Config {
             .map(PathBuf::from)
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("/var/lib/volumed"));
+        if !data_dir.is_absolute() {
+            bail!(
+                "VOLUMED_DATA_DIR={} must be an absolute path",
+                data_dir.display()
+            );
+        }
         let nbd = {
             let engine = match s("VOLUMED_NBD_ENGINE", file.nbd_engine).as_deref() {
                 None | Some("nbdkit") => NbdEngineKind::Nbdkit,
@@ -587,7 +593,51 @@ impl Config {
                 "VOLUMED_LOG_FORMAT",
                 format!("{:?}", self.log_format).to_lowercase(),
             ),
+            ("VOLUMED_NBD_ENGINE", self.nbd.engine.as_str().into()),
+            ("VOLUMED_NBD_CONFIG", self.nbd.config.display().to_string()),
+            ("VOLUMED_NBD_PORT", self.nbd.port.to_string()),
+            ("VOLUMED_NBD_LISTEN", self.nbd.listen.clone()),
+            ("VOLUMED_NBD_ALLOW", self.nbd.allow.join(",")),
+            ("VOLUMED_NBD_MANAGE", self.nbd.manage.to_string()),
+            (
+                "VOLUMED_NBD_PIDFILE",
+                self.nbd.pidfile.display().to_string(),
+            ),
+            (
+                "VOLUMED_NBD_TLS_PSK",
+                self.nbd
+                    .tls_psk
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(off)".into()),
+            ),
+            ("VOLUMED_NBD_BATCH_WINDOW_MS", d(self.nbd.batch_window)),
+            (
+                "VOLUMED_NBD_CHECK_TIMEOUT_SECS",
+                self.nbd.check_timeout.as_secs().to_string(),
+            ),
+            (
+                "VOLUMED_NBD_DRAIN_TIMEOUT_SECS",
+                self.nbd.drain_timeout.as_secs().to_string(),
+            ),
         ];
+        let mut rows = rows;
+        if let Some(cs) = &self.cloudstack {
+            rows.extend([
+                ("VOLUMED_CLOUDSTACK_URL", cs.url.clone()),
+                ("VOLUMED_CLOUDSTACK_API_KEY", cs.api_key.clone()),
+                ("VOLUMED_CLOUDSTACK_SECRET_KEY", cs.secret_key.to_string()),
+                (
+                    "VOLUMED_CLOUDSTACK_TIMEOUT_SECS",
+                    cs.timeout.as_secs().to_string(),
+                ),
+                (
+                    "VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS",
+                    cs.job_timeout.as_secs().to_string(),
+                ),
+                ("VOLUMED_CLOUDSTACK_TLS_VERIFY", cs.tls_verify.to_string()),
+            ]);
+        }
         rows.into_iter()
             .map(|(k, v)| format!("{k} = {v}\n"))
             .collect()
@@ -683,6 +733,24 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("****"));
         assert_eq!(c.amqp_url.expose(), "amqp://u:hunter2@mq:5672/%2f");
+    }
+
+    #[test]
+    fn config_check_shows_every_setting() {
+        let c = load(&[
+            ("VOLUMED_BACKEND", "cloudstack"),
+            ("VOLUMED_CLOUDSTACK_URL", "https://cloud/client/api"),
+            ("VOLUMED_CLOUDSTACK_API_KEY", "key"),
+            ("VOLUMED_CLOUDSTACK_SECRET_KEY", "s"),
+        ])
+        .expect("loads");
+        let shown = c.render();
+        for name in ENV_NAMES {
+            assert!(
+                shown.contains(&format!("{name} = ")),
+                "{name} missing:\n{shown}"
+            );
+        }
     }
 
     #[test]

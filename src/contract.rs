@@ -300,6 +300,17 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
     };
     let fail = |code, msg: String| Err(recovered(Rejection::new(code, msg)));
 
+    for (name, v) in [
+        ("correlation_id", env.correlation_id),
+        ("reply_to", env.reply_to),
+    ] {
+        if v.is_some_and(|v| v.contains('\0')) {
+            return fail(
+                ErrorCode::InvalidField,
+                format!("the {name} property contains the character U+0000"),
+            );
+        }
+    }
     if let Some(raw) = env.message_id {
         if id_from_props.is_none() {
             return fail(
@@ -581,6 +592,18 @@ mod tests {
             let err = decode(body.as_bytes(), &env(id), 4096).expect_err(&body);
             assert_eq!(err.code, code, "{body}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn nul_in_a_property_is_refused() {
+        let body = format!(r#"{{"op":"detach","volume_id":"{VOL}"}}"#);
+        let env = Envelope {
+            message_id: Some(ID),
+            correlation_id: Some("a\0b"),
+            reply_to: None,
+        };
+        let err = decode(body.as_bytes(), &env, 4096).expect_err("NUL refused");
+        assert_eq!(err.code, ErrorCode::InvalidField);
     }
 
     #[test]

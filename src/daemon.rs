@@ -176,8 +176,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // 4. The export manager last: operations above may still have needed
     //    it. A managed NBD server stops with it.
     stop_exports.cancel();
-    if let Err(e) = exports_task.await {
-        warn!(cause = %e, "export manager ended abnormally");
+    // Bounded: a batch in progress finishes within its check timeout, and
+    // stopping a server takes at most a few seconds.
+    let mut exports_task = exports_task;
+    match tokio::time::timeout(
+        config.nbd.check_timeout + Duration::from_secs(10),
+        &mut exports_task,
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(cause = %e, "export manager ended abnormally"),
+        Err(_) => {
+            exports_task.abort();
+            warn!("export manager did not stop in time");
+        }
     }
     match db::outbox_backlog(&pool, &config.host_id).await {
         Ok((0, _)) => {}

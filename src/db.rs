@@ -141,8 +141,8 @@ pub enum AttachmentChange {
         vm_id: Uuid,
         device_path: Option<String>,
         stable_path: Option<String>,
-        /// The export made for it, recorded with the attachment.
-        export: Option<NewExport>,
+        /// What happens to the volume's export row.
+        export: ExportChange,
     },
     Remove {
         volume_id: Uuid,
@@ -151,6 +151,17 @@ pub enum AttachmentChange {
     RemoveExport {
         volume_id: Uuid,
     },
+}
+
+/// The change to a volume's export row that goes with an attachment.
+#[derive(Debug, Clone)]
+pub enum ExportChange {
+    /// Leave it as it is (the request did not touch exports).
+    Keep,
+    /// Record this export.
+    Set(NewExport),
+    /// The export is gone (withdrawn, or undone after a failed check).
+    Remove,
 }
 
 /// An export to record.
@@ -275,7 +286,15 @@ async fn apply_change(
             .bind(request_id)
             .execute(&mut **tx)
             .await?;
-            if let (Some(e), Some(dev), Some(stable)) = (export, device_path, stable_path) {
+            if matches!(export, ExportChange::Remove) {
+                sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
+                    .bind(volume_id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            if let (ExportChange::Set(e), Some(dev), Some(stable)) =
+                (export, device_path, stable_path)
+            {
                 sqlx::query(
                     "INSERT INTO nbd_exports (export_name, volume_id, host, engine, device_path,
                                               stable_path, port, request_id, metadata)
@@ -518,12 +537,17 @@ pub async fn bump_nbd_stats(
     Ok(())
 }
 
-pub async fn nbd_stats(pool: &PgPool, host: &str) -> Result<Option<NbdStats>, sqlx::Error> {
+pub async fn nbd_stats(
+    pool: &PgPool,
+    host: &str,
+    engine: &str,
+) -> Result<Option<NbdStats>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT reloads, restarts, crashes, changes FROM nbd_stats WHERE host = $1
-          ORDER BY updated_at DESC LIMIT 1",
+        "SELECT reloads, restarts, crashes, changes FROM nbd_stats
+          WHERE host = $1 AND engine = $2",
     )
     .bind(host)
+    .bind(engine)
     .fetch_optional(pool)
     .await
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, BackendError, Started, VolumeState};
 use crate::contract::{DeviceInfo, ErrorCode, Event, EventError, ExportInfo, Op, Request};
-use crate::db::{self, AttachmentChange, Finish, NewExport, Outgoing, Start};
+use crate::db::{self, AttachmentChange, ExportChange, Finish, NewExport, Outgoing, Start};
 use crate::device;
 use crate::failpoint;
 use crate::gate::Gate;
@@ -228,7 +228,7 @@ impl Worker {
         };
         let cloud_device_id = state.device_id;
         let attached =
-            |device: Option<&DeviceInfo>, export: Option<NewExport>| AttachmentChange::Upsert {
+            |device: Option<&DeviceInfo>, export: ExportChange| AttachmentChange::Upsert {
                 volume_id: vol,
                 vm_id: vm,
                 device_path: device.map(|d| d.path.clone()),
@@ -237,7 +237,7 @@ impl Worker {
             };
         if vm != self.appliance_vm {
             // Failover: the device appears in another VM, not here.
-            let mut o = Outcome::done(attached(None, None), Some(vm));
+            let mut o = Outcome::done(attached(None, ExportChange::Keep), Some(vm));
             o.cloud_device_id = cloud_device_id;
             return o;
         }
@@ -254,7 +254,7 @@ impl Worker {
                 )),
                 // The backend did attach it: record that, without a device,
                 // so the database keeps agreeing with the backend.
-                change: attached(None, None),
+                change: attached(None, ExportChange::Keep),
                 vm_id: Some(vm),
                 export: None,
                 cloud_device_id: None,
@@ -264,22 +264,22 @@ impl Worker {
         self.step(req.request_id, "device_found").await;
         if !req.export {
             return Outcome {
-                change: attached(Some(&dev), None),
+                change: attached(Some(&dev), ExportChange::Keep),
                 result: Ok(Some(dev)),
                 vm_id: Some(vm),
                 export: None,
-                cloud_device_id: None,
+                cloud_device_id,
                 halt: None,
             };
         }
         // From here a failure leaves the volume attached with its device
-        // recorded, and no export.
+        // recorded, and no export (the manager undid what it wrote).
         let failed = |code: ErrorCode, msg: String, dev: &DeviceInfo| Outcome {
             result: Err((code, msg)),
-            change: attached(Some(dev), None),
+            change: attached(Some(dev), ExportChange::Remove),
             vm_id: Some(vm),
             export: None,
-            cloud_device_id: None,
+            cloud_device_id,
             halt: None,
         };
         let spec = match ExportSpec::new(vol, Path::new(&dev.stable_path), &self.device_dir) {
@@ -302,7 +302,7 @@ impl Worker {
             metadata: serde_json::json!({"job_id": req.job_id, "request": req.metadata}),
         };
         Outcome {
-            change: attached(Some(&dev), Some(export)),
+            change: attached(Some(&dev), ExportChange::Set(export)),
             result: Ok(Some(dev)),
             vm_id: Some(vm),
             export: Some(ExportInfo {
@@ -467,7 +467,21 @@ impl Worker {
             Some(job) => Some(job),
             None => {
                 failpoint::hit("before_backend").await;
-                match start().await? {
+                let started = match start().await {
+                    Ok(s) => s,
+                    Err(e @ BackendError::Transient(_)) => {
+                        // The call may have been applied before the error
+                        // (a timeout, a 530 after the fact): look.
+                        let state = self.backend.volume(vol).await?;
+                        if is_done(&state) {
+                            warn!(cause = %e, "the backend call failed, but it took effect");
+                            return Ok(state);
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
+                match started {
                     Started::Done => None,
                     Started::Job(job) => {
                         if let Err(e) = db_retry("journal job", || {

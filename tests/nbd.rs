@@ -200,7 +200,18 @@ async fn detach_withdraws_the_export(engine: &str) {
             .join("nbd-server/volumed-auth")
             .join(format!("{name}.allow"));
         let start = std::time::Instant::now();
-        while probe(&env, &name).await.listed || auth.exists() {
+        // The server restarts meanwhile: a refused connection is a
+        // moment of the restart, not an answer.
+        let listed = |env: &Env, name: String| {
+            let port = env.nbd_port(HOST);
+            async move {
+                proto::probe("127.0.0.1", port, &name, Duration::from_secs(5))
+                    .await
+                    .map(|p| p.listed)
+                    .unwrap_or(true)
+            }
+        };
+        while listed(&env, name.clone()).await || auth.exists() {
             assert!(start.elapsed() < WAIT, "stale section never dropped");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -26,7 +26,7 @@ pub async fn run(cli: &Cli, a: &ExportsArgs) -> Result<ExitCode> {
     let pool = crate::db::connect(&config.database_url, 2).await?;
     let host = (!a.all_hosts).then_some(config.host_id.as_str());
     let rows = crate::db::exports(&pool, host).await?;
-    let stats = crate::db::nbd_stats(&pool, &config.host_id)
+    let stats = crate::db::nbd_stats(&pool, &config.host_id, config.nbd.engine.as_str())
         .await?
         .unwrap_or_default();
     let timeout = Duration::from_secs(3);

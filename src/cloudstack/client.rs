@@ -123,6 +123,25 @@ impl Client {
         })
     }
 
+    /// Sends a read-only command, retrying transient failures (4 tries,
+    /// 100 ms doubling): a read can be repeated without effect, and a short
+    /// burst of 530s should not fail an operation.
+    async fn read(&self, command: &str, args: &[(&str, String)]) -> Result<Value, CsError> {
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 1;
+        loop {
+            match self.call(command, args).await {
+                Err(e) if e.class() == ErrorClass::Transient && tries < 4 => {
+                    debug!(command, cause = %e, tries, "transient CloudStack error; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Sends one signed API command and returns its response object (the
     /// value under `<command>response`).
     pub async fn call(&self, command: &str, args: &[(&str, String)]) -> Result<Value, CsError> {
@@ -186,7 +205,7 @@ impl Client {
 
     pub async fn volume(&self, id: Uuid) -> Result<Option<CsVolume>, CsError> {
         let r = self
-            .call(
+            .read(
                 "listVolumes",
                 &[("id", id.to_string()), ("listall", "true".into())],
             )
@@ -208,7 +227,7 @@ impl Client {
 
     pub async fn vm_exists(&self, id: Uuid) -> Result<bool, CsError> {
         let r = self
-            .call(
+            .read(
                 "listVirtualMachines",
                 &[("id", id.to_string()), ("listall", "true".into())],
             )
@@ -240,7 +259,7 @@ impl Client {
 
     pub async fn job(&self, job: &str) -> Result<Job, CsError> {
         let r = self
-            .call("queryAsyncJobResult", &[("jobid", job.to_owned())])
+            .read("queryAsyncJobResult", &[("jobid", job.to_owned())])
             .await?;
         match r.get("jobstatus").and_then(Value::as_i64) {
             Some(0) => Ok(Job::Pending),
@@ -302,12 +321,31 @@ impl Client {
     }
 }
 
+/// The error with its causes, without the request URL (which carries the
+/// signature and the API key).
 fn without_url(e: &reqwest::Error) -> String {
-    let mut e = e.to_string();
-    if let Some(i) = e.find(" for url (") {
-        e.truncate(i);
+    let mut text = e.without_url_ref().to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
     }
-    e
+    text
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut e = self.to_string();
+        if let Some(i) = e.find(" for url (") {
+            e.truncate(i);
+        }
+        e
+    }
 }
 
 fn job_id(r: &Value) -> Result<String, CsError> {

@@ -13,7 +13,7 @@
 //! are dropped by a restart, done only while no client is connected.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -274,43 +274,26 @@ impl Manager {
             .into_iter()
             .filter(|r| r.engine == self.cfg.engine.as_str())
             .collect();
+        let configured: HashSet<String> = self
+            .engine
+            .configured()?
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
         if restore {
-            let configured: HashSet<String> = self
-                .engine
-                .configured()?
-                .into_iter()
-                .map(|(n, _)| n.to_string())
-                .collect();
-            for row in &rows {
-                if configured.contains(&row.export_name) {
-                    continue;
-                }
-                let spec = ExportName::parse(&row.export_name).map(|name| ExportSpec {
-                    name,
-                    volume: row.volume_id,
-                    path: PathBuf::from(&row.stable_path),
-                });
-                match spec.and_then(|s| s.validate().map(|_| s)) {
-                    Ok(spec) => {
-                        warn!(export = %spec.name, volume.id = %spec.volume,
-                              "recorded export missing from the configuration; restoring it");
-                        self.engine.write(&spec)?;
-                    }
-                    Err(e) => error!(export = %row.export_name, cause = %e,
-                                     "recorded export is invalid; not restoring it"),
-                }
+            // The configuration is the truth for what is served: a recorded
+            // export missing from it may be one whose withdrawal was under
+            // way when volumed stopped, so it is reported, not rewritten.
+            for row in rows.iter().filter(|r| !configured.contains(&r.export_name)) {
+                warn!(export = %row.export_name, volume.id = %row.volume_id,
+                      "recorded export is missing from the NBD configuration");
             }
         }
         let pid = match (self.server.pid(), self.cfg.manage) {
             (Some(pid), _) => {
                 info!(host = %self.host, pid = pid.as_raw(), engine = self.cfg.engine.as_str(),
                       "NBD server running; adopting it");
-                // A reload makes an adopted nbd-server read what may have
-                // been added while nobody watched it.
-                if let Some(Err(e)) = self.engine.reload(pid) {
-                    warn!(cause = %e, "cannot signal the NBD server");
-                }
-                pid
+                self.catch_up(pid, &configured).await?
             }
             (None, true) => self.start_server().await?,
             (None, false) => {
@@ -335,6 +318,30 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// An adopted server may lack exports written while nobody watched it
+    /// (volumed died between writing and reloading). Then a managed idle
+    /// server is restarted; otherwise it is reloaded once.
+    async fn catch_up(&mut self, pid: Pid, configured: &HashSet<String>) -> Result<Pid> {
+        let listed = self.list_until_up().await.unwrap_or_default();
+        if configured.iter().all(|n| listed.contains(n)) {
+            return Ok(pid);
+        }
+        if self.cfg.manage && process::children(pid).is_empty() {
+            info!(host = %self.host, "adopted NBD server lacks configured exports; restarting it");
+            self.server.stop(Duration::from_secs(5)).await;
+            return self.start_server().await;
+        }
+        match self.engine.reload(pid) {
+            Some(Ok(())) => {
+                self.pending.reloads += 1;
+                info!(host = %self.host, "adopted nbd-server reloaded to read configured exports");
+            }
+            Some(Err(e)) => warn!(cause = %e, "cannot signal the NBD server"),
+            None => {}
+        }
+        Ok(pid)
     }
 
     async fn start_server(&mut self) -> Result<Pid> {
@@ -597,21 +604,9 @@ impl Manager {
         let deadline = Instant::now() + self.cfg.check_timeout;
         let mut last;
         loop {
-            match proto::probe(
-                &self.cfg.listen,
-                self.cfg.port,
-                name,
-                self.cfg.check_timeout,
-            )
-            .await
-            {
+            match self.probe(name).await {
                 Ok(p) if p.listed && matches!(p.open, Open::Served { .. }) => return Ok(()),
                 Ok(p) => last = format!("{p:?}"),
-                Err(NbdError::TlsRequired) => {
-                    // With TLS required, the check can only confirm the
-                    // server answers; see docs/nbd.md.
-                    return Ok(());
-                }
                 Err(e) => {
                     last = e.to_string();
                     // A managed server that is gone is recovered by the
@@ -631,23 +626,78 @@ impl Manager {
 
     /// A new connection to `name` is refused.
     async fn check_refused(&self, name: &str) -> Result<(), String> {
-        match proto::probe(
-            &self.cfg.listen,
-            self.cfg.port,
-            name,
-            self.cfg.check_timeout,
-        )
-        .await
-        {
+        match self.probe(name).await {
             Ok(p) if matches!(p.open, Open::Refused { .. }) => Ok(()),
             Ok(_) => Err(format!(
                 "export {name} still accepts connections after withdrawal"
             )),
             // A server that does not answer serves nothing.
             Err(NbdError::Io(_)) => Ok(()),
-            Err(NbdError::TlsRequired) => Ok(()),
             Err(e) => Err(format!("cannot confirm export {name} is withdrawn: {e}")),
         }
+    }
+
+    /// Lists and opens `name`: with the built-in client, or, when TLS is
+    /// required, with `nbdinfo` and the pre-shared key (the built-in client
+    /// speaks no TLS).
+    async fn probe(&self, name: &str) -> Result<proto::Probe, NbdError> {
+        let Some(psk) = &self.cfg.tls_psk else {
+            return proto::probe(
+                &self.cfg.listen,
+                self.cfg.port,
+                name,
+                self.cfg.check_timeout,
+            )
+            .await;
+        };
+        let user = std::fs::read_to_string(psk)?
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(':'))
+            .map(|(u, _)| u.to_owned())
+            .ok_or_else(|| {
+                NbdError::Protocol(format!("{} has no `user:key` line", psk.display()))
+            })?;
+        let host = match self.cfg.listen.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+            _ => self.cfg.listen.clone(),
+        };
+        let base = format!("nbds://{user}@{host}:{}", self.cfg.port);
+        let query = format!("tls-psk-file={}", psk.display());
+        let listing = self
+            .nbdinfo(&["--list".into(), format!("{base}/?{query}")])
+            .await?;
+        if !listing.status.success() {
+            // Nothing answered the TLS handshake: the server is down.
+            return Err(NbdError::Io(std::io::Error::other(
+                String::from_utf8_lossy(&listing.stderr).trim().to_owned(),
+            )));
+        }
+        let listed =
+            String::from_utf8_lossy(&listing.stdout).contains(&format!("export=\"{name}\""));
+        let open = self.nbdinfo(&[format!("{base}/{name}?{query}")]).await?;
+        let open = if open.status.success() {
+            // nbdinfo reports the size in text; the check needs only the
+            // fact that the export opened.
+            Open::Served { size: 0 }
+        } else {
+            Open::Refused {
+                code: 0,
+                message: String::from_utf8_lossy(&open.stderr).trim().to_owned(),
+            }
+        };
+        Ok(proto::Probe { listed, open })
+    }
+
+    async fn nbdinfo(&self, args: &[String]) -> Result<std::process::Output, NbdError> {
+        let out = tokio::process::Command::new("nbdinfo")
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(self.cfg.check_timeout, out)
+            .await
+            .map_err(|_| NbdError::Timeout(self.cfg.check_timeout))?
+            .map_err(NbdError::Io)
     }
 
     async fn flush_stats(&mut self) {
