@@ -133,6 +133,56 @@ pub struct Config {
     pub nbd: NbdConfig,
     /// Present when `VOLUMED_BACKEND=cloudstack`.
     pub cloudstack: Option<CloudStackConfig>,
+    /// Total attempts of a request whose failures are transient (the first
+    /// one included) before it fails for good.
+    pub retry_attempts: u32,
+    /// The delay steps of the retry queues, shortest first; retry `n` waits
+    /// about step `min(n, last)`.
+    pub retry_delays: Vec<Duration>,
+}
+
+/// Parses `1s,5s,30s,2m,10m` (units ms, s, m, h).
+pub fn parse_delays(s: &str) -> Result<Vec<Duration>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let split = part
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(part.len());
+        let (num, unit) = part.split_at(split);
+        let n: u64 = num
+            .parse()
+            .with_context(|| format!("retry delay {part:?} must start with a number"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" | "" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            other => bail!("retry delay {part:?} has unknown unit {other:?}: use ms, s, m or h"),
+        };
+        if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
+            bail!("retry delay {part:?} is out of range: 10ms to 24h");
+        }
+        out.push(d);
+    }
+    if out.is_empty() || out.len() > 10 {
+        bail!("1 to 10 retry delays are needed, got {}", out.len());
+    }
+    if out.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("retry delays must grow: {s:?}");
+    }
+    Ok(out)
+}
+
+/// The name part a delay gives its retry queue: `500ms`, `5s`, `2m`.
+pub fn delay_label(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +263,8 @@ struct FileConfig {
     cloudstack_timeout_secs: Option<u64>,
     cloudstack_job_timeout_secs: Option<u64>,
     cloudstack_tls_verify: Option<bool>,
+    retry_attempts: Option<u64>,
+    retry_delays: Option<String>,
 }
 
 /// Where the file is looked for when neither `--config` nor
@@ -255,6 +307,8 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_CLOUDSTACK_TIMEOUT_SECS",
     "VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS",
     "VOLUMED_CLOUDSTACK_TLS_VERIFY",
+    "VOLUMED_RETRY_ATTEMPTS",
+    "VOLUMED_RETRY_DELAYS",
 ];
 
 impl Config {
@@ -506,6 +560,15 @@ impl Config {
             None
         };
 
+        let retry_attempts = n("VOLUMED_RETRY_ATTEMPTS", file.retry_attempts)?.unwrap_or(5);
+        if !(1..=100).contains(&retry_attempts) {
+            bail!("VOLUMED_RETRY_ATTEMPTS={retry_attempts} is out of range: 1 to 100");
+        }
+        let delays_spec = s("VOLUMED_RETRY_DELAYS", file.retry_delays)
+            .unwrap_or_else(|| "1s,5s,30s,2m,10m".into());
+        let retry_delays = parse_delays(&delays_spec)
+            .with_context(|| format!("VOLUMED_RETRY_DELAYS={delays_spec:?}"))?;
+
         Ok(Config {
             host_id,
             amqp_url,
@@ -533,6 +596,8 @@ impl Config {
             log_format,
             nbd,
             cloudstack,
+            retry_attempts: retry_attempts as u32,
+            retry_delays,
         })
     }
 
@@ -622,6 +687,15 @@ impl Config {
             ),
         ];
         let mut rows = rows;
+        rows.push(("VOLUMED_RETRY_ATTEMPTS", self.retry_attempts.to_string()));
+        rows.push((
+            "VOLUMED_RETRY_DELAYS",
+            self.retry_delays
+                .iter()
+                .map(|d| delay_label(*d))
+                .collect::<Vec<_>>()
+                .join(","),
+        ));
         if let Some(cs) = &self.cloudstack {
             rows.extend([
                 ("VOLUMED_CLOUDSTACK_URL", cs.url.clone()),
@@ -787,6 +861,9 @@ mod tests {
             ("VOLUMED_NBD_MANAGE", "perhaps"),
             ("VOLUMED_NBD_CONFIG", "relative/path"),
             ("VOLUMED_DEVICE_TIMEOUT_SECS", "99999999999999"),
+            ("VOLUMED_RETRY_DELAYS", "5s,1s"),
+            ("VOLUMED_RETRY_DELAYS", "1parsec"),
+            ("VOLUMED_RETRY_ATTEMPTS", "0"),
         ] {
             let err = load(&[(k, v)]).expect_err(k).to_string();
             assert!(err.contains(k), "{k}: {err}");

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use lapin::acker::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -24,9 +26,10 @@ use uuid::Uuid;
 
 use crate::backend::BackendError;
 use crate::config::Config;
-use crate::contract::{self, Envelope, Event, EventError, Rejection};
+use crate::contract::{self, Envelope, ErrorCode, Event, EventError, Rejection};
 use crate::db::{self, AttachmentChange, Finish, Outgoing};
 use crate::dispatcher::Dispatcher;
+use crate::failpoint;
 use crate::topology::{self, Topology};
 use crate::worker::{db_retry, Settle, Worker};
 
@@ -36,8 +39,13 @@ const RECHECK: Duration = Duration::from_secs(30);
 
 /// Header names added to a message this daemon dead-letters itself.
 pub const REASON_HEADER: &str = "x-volumed-reason";
+pub const ERROR_CODE_HEADER: &str = "x-volumed-error-code";
 pub const ERROR_HEADER: &str = "x-volumed-error";
 pub const HOST_HEADER: &str = "x-volumed-host";
+pub const ORIGINAL_KEY_HEADER: &str = "x-volumed-original-routing-key";
+/// How many times volumed retried a request (set on its way to a retry
+/// queue; removed by a replay, which resets the budget).
+pub const RETRIES_HEADER: &str = "x-volumed-retries";
 
 /// A delivery on its way through a lane.
 pub struct Job {
@@ -110,7 +118,7 @@ impl Consumer {
             crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
                 .await?;
         let ch = conn.create_channel().await?;
-        Topology::for_host(&cfg.host_id, cfg.delivery_limit)
+        Topology::for_host(&cfg.host_id, cfg.delivery_limit, &cfg.retry_delays)
             .declare(&ch)
             .await?;
         ch.basic_qos(cfg.prefetch(), BasicQosOptions::default())
@@ -201,6 +209,7 @@ impl Consumer {
             message_id: props.message_id().as_ref().map(ShortString::as_str),
             correlation_id: props.correlation_id().as_ref().map(ShortString::as_str),
             reply_to: props.reply_to().as_ref().map(ShortString::as_str),
+            retries: retries_of(&d),
         };
         match contract::decode(&d.data, &env, self.config.max_message_bytes) {
             Ok(request) => {
@@ -224,7 +233,21 @@ impl Consumer {
                             volume.id = %job.request.volume_id,
                             host = %me.config.host_id);
                         async move {
-                            let settle = me.worker.handle(&job.request).await;
+                            // A panic in one operation must not take the
+                            // message with it: it goes back to the queue,
+                            // and the delivery limit dead-letters a message
+                            // that crashes the worker every time.
+                            let work = async {
+                                failpoint::hit_for("handle", &job.request.volume_id.to_string());
+                                me.worker.handle(&job.request).await
+                            };
+                            let settle = match AssertUnwindSafe(work).catch_unwind().await {
+                                Ok(settle) => settle,
+                                Err(_) => {
+                                    error!("the operation panicked; giving the message back");
+                                    Settle::Requeue
+                                }
+                            };
                             settle_job(&job, settle).await;
                         }
                         .instrument(span)
@@ -294,7 +317,16 @@ impl Consumer {
                 error!(cause = %e, "cannot record the refused request; dead-lettering it anyway");
             }
         }
-        let settle = match dead_letter(dead, &d, &self.config.host_id, &r).await {
+        let settle = match dead_letter(
+            dead,
+            &d,
+            &self.config.host_id,
+            r.code.as_str(),
+            r.code,
+            &r.message,
+        )
+        .await
+        {
             Ok(()) => Settle::Ack,
             Err(e) => {
                 warn!(cause = %format!("{e:#}"), "cannot publish the dead letter; rejecting to the broker's dead-letter exchange instead");
@@ -311,49 +343,61 @@ impl Consumer {
 }
 
 /// Settles a worker's job. This is the one place where a request is
-/// acknowledged, given back or dead-lettered, and it runs only after the
-/// worker returned, i.e. after the outcome was committed.
+/// acknowledged, given back, sent to wait for a retry or dead-lettered, and
+/// it runs only after the worker returned, i.e. after the outcome (or the
+/// decision to retry) was committed.
 async fn settle_job(job: &Job, settle: Settle) {
-    let settle = match settle {
-        Settle::DeadLetter { code, message } => {
-            let r = Rejection {
-                code,
+    let d = &job.delivery;
+    let republished = match &settle {
+        Settle::DeadLetter {
+            reason,
+            code,
+            message,
+        } => Some(dead_letter(&job.dead, d, &job.host, reason, *code, message).await),
+        Settle::Retry {
+            step,
+            delay,
+            code,
+            message,
+        } => Some(
+            retry_later(
+                &job.dead,
+                d,
+                &job.host,
+                job.request.retries + 1,
+                *step,
+                *delay,
+                *code,
                 message,
-                request_id: Some(job.request.request_id),
-                op: Some(job.request.op),
-                volume_id: Some(job.request.volume_id),
-                vm_id: job.request.vm_id,
-            };
-            match dead_letter(&job.dead, &job.delivery, &job.host, &r).await {
-                Ok(()) => Settle::Ack,
-                Err(e) => {
-                    warn!(cause = %format!("{e:#}"), "cannot publish the dead letter; rejecting it to the broker");
-                    if let Err(e) = job
-                        .delivery
-                        .acker
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await
-                    {
-                        warn!(cause = %e, "reject lost; the broker will redeliver the message");
-                    }
-                    return;
-                }
-            }
-        }
-        other => other,
+            )
+            .await,
+        ),
+        _ => None,
     };
-    settle_acker(&job.delivery.acker, settle).await;
+    let settle = match republished {
+        None => settle,
+        Some(Ok(())) => Settle::Ack,
+        Some(Err(e)) => {
+            // The message stays ours until it is safely elsewhere: give it
+            // back to the queue; the delivery limit bounds the loop.
+            warn!(cause = %format!("{e:#}"), ?settle, "cannot republish the message; giving it back");
+            Settle::Requeue
+        }
+    };
+    settle_acker(&d.acker, settle).await;
 }
 
 async fn settle_acker(acker: &Acker, settle: Settle) {
-    let result = match settle {
+    let result = match &settle {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,
         // reject (not nack): counted by the delivery limit on every
         // RabbitMQ version.
         Settle::Requeue => acker.reject(BasicRejectOptions { requeue: true }).await,
-        // Dead letters are published by `settle_job`; one that reaches
-        // here goes to the broker's dead-letter exchange.
-        Settle::DeadLetter { .. } => acker.reject(BasicRejectOptions { requeue: false }).await,
+        // Republished by `settle_job`; one that reaches here goes to the
+        // broker's dead-letter exchange.
+        Settle::DeadLetter { .. } | Settle::Retry { .. } => {
+            acker.reject(BasicRejectOptions { requeue: false }).await
+        }
     };
     if let Err(e) = result {
         // The channel is gone: the broker redelivers the message, and the
@@ -362,32 +406,32 @@ async fn settle_acker(acker: &Acker, settle: Settle) {
     }
 }
 
-/// Publishes a refused message to `volumed.dead` with the reason, and waits
-/// for the broker's confirm.
-async fn dead_letter(ch: &Channel, d: &Delivery, host: &str, r: &Rejection) -> Result<()> {
+/// Publishes a copy of a delivery, with extra headers, and waits for the
+/// broker's confirm. `mandatory`: a copy no queue takes is an error.
+async fn republish(
+    ch: &Channel,
+    d: &Delivery,
+    exchange: &str,
+    key: &str,
+    extra: Vec<(&str, AMQPValue)>,
+    expiration: Option<Duration>,
+) -> Result<()> {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        REASON_HEADER.into(),
-        AMQPValue::LongString(r.code.as_str().into()),
-    );
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(r.message.as_str().into()),
-    );
-    headers.insert(HOST_HEADER.into(), AMQPValue::LongString(host.into()));
-    headers.insert(
-        "x-volumed-original-routing-key".into(),
-        AMQPValue::LongString(d.routing_key.as_str().into()),
-    );
-    let props = d
+    for (k, v) in extra {
+        headers.insert(k.into(), v);
+    }
+    let mut props = d
         .properties
         .clone()
         .with_headers(headers)
         .with_delivery_mode(2);
+    if let Some(e) = expiration {
+        props = props.with_expiration(e.as_millis().to_string().into());
+    }
     let confirm = ch
         .basic_publish(
-            topology::DEAD_EXCHANGE,
-            host,
+            exchange,
+            key,
             BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
@@ -399,13 +443,69 @@ async fn dead_letter(ch: &Channel, d: &Delivery, host: &str, r: &Rejection) -> R
         .await?;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(anyhow!(
-            "the dead-letter exchange has no queue for host {host}"
-        )),
-        Confirmation::Nack(_) => Err(anyhow!("the broker refused the dead letter")),
-        Confirmation::NotRequested => {
-            Err(anyhow!("the dead-letter channel is not in confirm mode"))
-        }
+        Confirmation::Ack(Some(_)) => Err(anyhow!("no queue takes {exchange} / {key}")),
+        Confirmation::Nack(_) => Err(anyhow!("the broker refused the message on {exchange}")),
+        Confirmation::NotRequested => Err(anyhow!("the channel is not in confirm mode")),
+    }
+}
+
+/// Publishes a message to `volumed.dead` with the reason.
+async fn dead_letter(
+    ch: &Channel,
+    d: &Delivery,
+    host: &str,
+    reason: &str,
+    code: ErrorCode,
+    message: &str,
+) -> Result<()> {
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    let extra = vec![
+        (REASON_HEADER, s(reason)),
+        (ERROR_CODE_HEADER, s(code.as_str())),
+        (ERROR_HEADER, s(message)),
+        (HOST_HEADER, s(host)),
+        (ORIGINAL_KEY_HEADER, s(d.routing_key.as_str())),
+    ];
+    republish(ch, d, topology::DEAD_EXCHANGE, host, extra, None).await
+}
+
+/// Publishes a message to the retry queue of its delay step; it returns to
+/// the request queue when its expiration passes.
+#[allow(clippy::too_many_arguments)]
+async fn retry_later(
+    ch: &Channel,
+    d: &Delivery,
+    host: &str,
+    retries: u32,
+    step: Duration,
+    delay: Duration,
+    code: ErrorCode,
+    message: &str,
+) -> Result<()> {
+    let extra = vec![
+        (RETRIES_HEADER, AMQPValue::LongLongInt(i64::from(retries))),
+        (
+            ERROR_CODE_HEADER,
+            AMQPValue::LongString(code.as_str().into()),
+        ),
+        (ERROR_HEADER, AMQPValue::LongString(message.into())),
+    ];
+    let key = topology::retry_key(host, step);
+    republish(ch, d, topology::RETRY_EXCHANGE, &key, extra, Some(delay)).await
+}
+
+/// The retries header of a delivery (0 when absent or unreadable).
+fn retries_of(d: &Delivery) -> u32 {
+    let Some(headers) = d.properties.headers() else {
+        return 0;
+    };
+    match headers.inner().get(RETRIES_HEADER) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
     }
 }
 

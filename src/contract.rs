@@ -60,6 +60,12 @@ pub struct Request {
     pub metadata: Value,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// Optional: past this instant the request fails with
+    /// `deadline_exceeded` instead of being processed or retried.
+    pub deadline: Option<DateTime<Utc>>,
+    /// How many times volumed already retried this request (the
+    /// `x-volumed-retries` header; 0 on first delivery and after a replay).
+    pub retries: u32,
 }
 
 /// AMQP properties the decoder looks at.
@@ -68,6 +74,7 @@ pub struct Envelope<'a> {
     pub message_id: Option<&'a str>,
     pub correlation_id: Option<&'a str>,
     pub reply_to: Option<&'a str>,
+    pub retries: u32,
 }
 
 /// Error codes carried in failure events and dead-letter headers. The set is
@@ -106,6 +113,8 @@ pub enum ErrorCode {
     BackendUnavailable,
     /// The backend refused the operation for good.
     BackendRejected,
+    /// The request's `deadline` passed before it could be completed.
+    DeadlineExceeded,
     /// A bug or an unexpected state in volumed itself.
     Internal,
 }
@@ -127,6 +136,7 @@ impl ErrorCode {
             ErrorCode::InvalidExport => "invalid_export",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::BackendRejected => "backend_rejected",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Internal => "internal",
         }
     }
@@ -419,6 +429,27 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
             )
         }
     };
+    let deadline = match obj.get("deadline") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match DateTime::parse_from_rfc3339(s) {
+            Ok(d) => Some(d.with_timezone(&Utc)),
+            Err(e) => {
+                return fail(
+                    ErrorCode::InvalidField,
+                    format!("field `deadline` is not an RFC 3339 time: {e}"),
+                )
+            }
+        },
+        Some(other) => {
+            return fail(
+                ErrorCode::InvalidField,
+                format!(
+                    "field `deadline` must be an RFC 3339 string, got {}",
+                    json_kind(other)
+                ),
+            )
+        }
+    };
     Ok(Request {
         request_id,
         op,
@@ -429,6 +460,8 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
         metadata,
         correlation_id: env.correlation_id.map(str::to_owned),
         reply_to: env.reply_to.filter(|s| !s.is_empty()).map(str::to_owned),
+        deadline,
+        retries: env.retries,
     })
 }
 
@@ -578,6 +611,16 @@ mod tests {
                 ErrorCode::InvalidField,
             ),
             (
+                format!(r#"{{"op":"detach","volume_id":"{VOL}","metadata":{{"a":["x\u0000"]}}}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
+                format!(r#"{{"op":"detach","volume_id":"{VOL}","deadline":"tomorrow"}}"#),
+                Some(ID),
+                ErrorCode::InvalidField,
+            ),
+            (
                 format!(r#"{{"op":"detach","volume_id":"{VOL}","export":"yes"}}"#),
                 Some(ID),
                 ErrorCode::InvalidField,
@@ -601,6 +644,7 @@ mod tests {
             message_id: Some(ID),
             correlation_id: Some("a\0b"),
             reply_to: None,
+            retries: 0,
         };
         let err = decode(body.as_bytes(), &env, 4096).expect_err("NUL refused");
         assert_eq!(err.code, ErrorCode::InvalidField);

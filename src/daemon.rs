@@ -20,7 +20,7 @@ use crate::dispatcher::Dispatcher;
 use crate::gate::Gate;
 use crate::nbd::manager::Exports;
 use crate::relay::Relay;
-use crate::worker::{VmLocks, Worker};
+use crate::worker::{RetryPolicy, VmLocks, Worker};
 
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -74,6 +74,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exports,
         gate: Arc::new(Gate::default()),
         vm_locks: VmLocks::default(),
+        retry: RetryPolicy {
+            attempts: config.retry_attempts,
+            delays: config.retry_delays.clone(),
+        },
     });
     let dispatcher = Arc::new(Dispatcher::new(config.workers));
     let consumer = Arc::new(Consumer {
@@ -90,6 +94,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stop_relay = CancellationToken::new();
     let mut consumer_task = tokio::spawn(consumer.run(stop_consuming.clone()));
     let mut relay_task = tokio::spawn(relay.run(stop_relay.clone()));
+    let stop_ingest = CancellationToken::new();
+    let ingest_task = tokio::spawn(crate::dlq::ingest(
+        Arc::clone(&config),
+        pool.clone(),
+        stop_ingest.clone(),
+    ));
     info!(host = %config.host_id, backend = ?config.backend, workers = config.workers, "volumed started");
 
     let mut failure = None;
@@ -135,6 +145,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             None
         }
     };
+
+    // The dead-letter ingester stops with the consumer: what it has not
+    // taken stays in its queue for the next start.
+    stop_ingest.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), ingest_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(cause = %format!("{e:#}"), "dead-letter ingester failed"),
+        Ok(Err(e)) => warn!(cause = %e, "dead-letter ingester panicked"),
+        Err(_) => warn!("dead-letter ingester did not stop in time"),
+    }
 
     // 2. Let in-flight operations finish, within the shutdown timeout.
     //    Operations cut off here were not acknowledged: the broker

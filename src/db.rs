@@ -115,6 +115,27 @@ pub async fn record_step(pool: &PgPool, request_id: Uuid, step: &str) -> Result<
     Ok(())
 }
 
+/// Journals a transient failure whose request will be retried. The job of
+/// the failed attempt is forgotten: the retry starts over from a re-read.
+pub async fn record_retry(
+    pool: &PgPool,
+    request_id: Uuid,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE operations SET step = 'retry_scheduled', error_code = $2, error_message = $3,
+                cloud_job_id = NULL, updated_at = now()
+          WHERE request_id = $1 AND state = 'running'",
+    )
+    .bind(request_id)
+    .bind(code.as_str())
+    .bind(message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Journals the backend job an operation started, before it is polled.
 pub async fn record_cloud_job(
     pool: &PgPool,
@@ -344,8 +365,10 @@ async fn insert_outbox(
 ) -> Result<(), sqlx::Error> {
     let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
-        "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to,
+                             generation)
+         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                 COALESCE((SELECT generation FROM operations WHERE request_id = $2), 0))",
     )
     .bind(out.event.event_id)
     .bind(out.event.request_id)

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod db;
 pub mod device;
 pub mod dispatcher;
+pub mod dlq;
 pub mod failpoint;
 pub mod gate;
 pub mod nbd;

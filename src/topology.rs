@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 pub const REQUESTS_EXCHANGE: &str = "volumed.requests";
 /// Completion events, routed by event type.
 pub const EVENTS_EXCHANGE: &str = "volumed.events";
+/// Requests waiting to be retried, routed by `<host>.<delay>` to one
+/// queue per delay step; expired messages return to `volumed.requests`.
+pub const RETRY_EXCHANGE: &str = "volumed.retry";
 /// Dead letters, routed by host id (the broker keeps a dead-lettered
 /// request's original routing key, which is the host id).
 pub const DEAD_EXCHANGE: &str = "volumed.dead";
@@ -24,9 +27,19 @@ pub fn dead_queue(host: &str) -> String {
     format!("{DEAD_EXCHANGE}.{host}")
 }
 
+/// The routing key (and queue name suffix) of a host's retry step.
+pub fn retry_key(host: &str, delay: std::time::Duration) -> String {
+    format!("{host}.{}", crate::config::delay_label(delay))
+}
+
+pub fn retry_queue(host: &str, delay: std::time::Duration) -> String {
+    format!("{RETRY_EXCHANGE}.{}", retry_key(host, delay))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
     Str(&'static str),
+    Owned(String),
     Int(i64),
 }
 
@@ -60,7 +73,40 @@ impl Topology {
     /// Everything one host's daemon needs. `delivery_limit` is the broker's
     /// poison guard: a message redelivered that many times (a daemon that
     /// crashes on it every time) is dead-lettered instead of looping.
-    pub fn for_host(host: &str, delivery_limit: u32) -> Topology {
+    pub fn for_host(
+        host: &str,
+        delivery_limit: u32,
+        retry_delays: &[std::time::Duration],
+    ) -> Topology {
+        let mut t = Topology::base(host, delivery_limit);
+        t.exchanges.push(ExchangeSpec {
+            name: RETRY_EXCHANGE,
+            kind: "direct",
+        });
+        for d in retry_delays {
+            // Messages wait here with a per-message expiration no longer
+            // than the step (jitter only shortens it), so the head of the
+            // queue is never held up by much, then return to the requests.
+            t.queues.push(QueueSpec {
+                name: retry_queue(host, *d),
+                args: vec![
+                    ("x-queue-type", Arg::Str("quorum")),
+                    ("x-dead-letter-exchange", Arg::Str(REQUESTS_EXCHANGE)),
+                    ("x-dead-letter-routing-key", Arg::Owned(host.to_owned())),
+                    ("x-dead-letter-strategy", Arg::Str("at-least-once")),
+                    ("x-overflow", Arg::Str("reject-publish")),
+                ],
+            });
+            t.bindings.push(BindingSpec {
+                exchange: RETRY_EXCHANGE,
+                queue: retry_queue(host, *d),
+                key: retry_key(host, *d),
+            });
+        }
+        t
+    }
+
+    fn base(host: &str, delivery_limit: u32) -> Topology {
         Topology {
             exchanges: vec![
                 ExchangeSpec {
@@ -136,6 +182,7 @@ impl Topology {
             for (k, v) in &q.args {
                 let value = match v {
                     Arg::Str(s) => AMQPValue::LongString((*s).into()),
+                    Arg::Owned(s) => AMQPValue::LongString(s.as_str().into()),
                     Arg::Int(i) => AMQPValue::LongLongInt(*i),
                 };
                 args.insert((*k).into(), value);
@@ -185,6 +232,7 @@ impl Topology {
                     .map(|(k, v)| {
                         let v = match v {
                             Arg::Str(s) => json!(s),
+                            Arg::Owned(s) => json!(s),
                             Arg::Int(i) => json!(i),
                         };
                         ((*k).to_owned(), v)
@@ -223,7 +271,8 @@ mod tests {
         let shipped: Value =
             serde_json::from_str(include_str!("../queue-topology/definitions.json"))
                 .expect("queue-topology/definitions.json is JSON");
-        let generated = Topology::for_host("oma-1", 10).definitions("/");
+        let delays = crate::config::parse_delays("1s,5s,30s,2m,10m").expect("default delays");
+        let generated = Topology::for_host("oma-1", 10, &delays).definitions("/");
         assert_eq!(
             shipped, generated,
             "regenerate with: volumed topology definitions --host oma-1 > queue-topology/definitions.json"

@@ -30,9 +30,49 @@ pub enum Settle {
     /// The broker counts the redelivery, so a message that never commits is
     /// dead-lettered at the delivery limit instead of looping.
     Requeue,
-    /// The message can never be processed: dead-letter it with the reason
-    /// (never requeue: it would fail the same way forever).
-    DeadLetter { code: ErrorCode, message: String },
+    /// The message can never be processed, or its retry budget is spent:
+    /// dead-letter it with the reason (never requeue: it would fail the
+    /// same way forever).
+    DeadLetter {
+        reason: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// A transient failure within the retry budget: park the message in the
+    /// retry queue of `step` for `delay`, then it comes back. The worker is
+    /// free meanwhile.
+    Retry {
+        step: Duration,
+        delay: Duration,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// How transient failures are retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included.
+    pub attempts: u32,
+    /// Delay steps, shortest first.
+    pub delays: Vec<Duration>,
+}
+
+impl RetryPolicy {
+    /// The step and the delay before retry number `retries + 1`: the step
+    /// grows exponentially (by configuration) and the delay is the step
+    /// shortened by up to 20 % at random, so retries of a burst spread out
+    /// while no message waits longer than its step.
+    pub fn delay(&self, retries: u32) -> (Duration, Duration) {
+        let i = (retries as usize).min(self.delays.len().saturating_sub(1));
+        let step = self
+            .delays
+            .get(i)
+            .copied()
+            .unwrap_or(Duration::from_secs(1));
+        let factor = 0.8 + 0.2 * rand::random::<f64>();
+        (step, step.mul_f64(factor))
+    }
 }
 
 /// The result of the backend part of an operation.
@@ -92,6 +132,7 @@ pub struct Worker {
     pub exports: Arc<Exports>,
     pub gate: Arc<Gate>,
     pub vm_locks: VmLocks,
+    pub retry: RetryPolicy,
 }
 
 /// One async lock per VM. CloudStack numbers a VM's disks itself, and two
@@ -146,6 +187,7 @@ impl Worker {
                 warn!(error.code = %ErrorCode::DuplicateRequestId, error.message = %message,
                       "refused a request");
                 return Settle::DeadLetter {
+                    reason: ErrorCode::DuplicateRequestId.as_str().into(),
                     code: ErrorCode::DuplicateRequestId,
                     message,
                 };
@@ -157,9 +199,19 @@ impl Worker {
         };
         Span::current().record("attempt", attempts);
 
-        let outcome = match req.op {
-            Op::Attach => self.attach(req, resumed).await,
-            Op::Detach => self.detach(req, resumed).await,
+        let outcome = match req.deadline {
+            Some(d) if Utc::now() > d => Outcome::failed(
+                ErrorCode::DeadlineExceeded,
+                format!(
+                    "the request's deadline {} passed before it was processed",
+                    d.to_rfc3339()
+                ),
+                req.vm_id,
+            ),
+            _ => match req.op {
+                Op::Attach => self.attach(req, resumed).await,
+                Op::Detach => self.detach(req, resumed).await,
+            },
         };
         if let Some(reason) = &outcome.halt {
             error!(cause = %reason,
@@ -167,10 +219,60 @@ impl Worker {
             self.gate.close(reason.clone()).await;
             return Settle::Requeue;
         }
+        let mut outcome = outcome;
+        let mut exhausted = None;
+        if let Err((code, message)) = &outcome.result {
+            if code.retryable() {
+                let (step, delay) = self.retry.delay(req.retries);
+                let attempt = req.retries + 1;
+                let late = req.deadline.is_some_and(|d| {
+                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default() > d
+                });
+                if late {
+                    outcome.result = Err((
+                        ErrorCode::DeadlineExceeded,
+                        format!(
+                            "the request's deadline leaves no time to retry; last error: {message}"
+                        ),
+                    ));
+                } else if attempt < self.retry.attempts {
+                    info!(attempt, retry_in = ?delay, error.code = %code, error.message = %message,
+                          "transient failure; the request will be retried");
+                    if let Err(e) = db_retry("journal retry", || {
+                        db::record_retry(&self.pool, req.request_id, *code, message)
+                    })
+                    .await
+                    {
+                        warn!(cause = %e, "cannot journal the retry");
+                    }
+                    return Settle::Retry {
+                        step,
+                        delay,
+                        code: *code,
+                        message: message.clone(),
+                    };
+                } else {
+                    exhausted = Some((*code, message.clone()));
+                }
+            }
+        }
         failpoint::hit("before_commit").await;
         let settle = self.commit(req, attempts, outcome).await;
         failpoint::hit("after_commit").await;
-        settle
+        match (settle, exhausted) {
+            (Settle::Ack, Some((code, message))) => {
+                warn!(
+                    attempts = self.retry.attempts,
+                    "retry budget spent; dead-lettering the request"
+                );
+                Settle::DeadLetter {
+                    reason: "retries_exhausted".into(),
+                    code,
+                    message,
+                }
+            }
+            (settle, _) => settle,
+        }
     }
 
     async fn attach(&self, req: &Request, resumed: Option<String>) -> Outcome {
@@ -388,10 +490,14 @@ impl Worker {
     async fn resume_detach(&self, req: &Request, job: String) -> Outcome {
         let vol = req.volume_id;
         info!(job, "resuming the backend job of an earlier attempt");
-        // The job was started after the export was withdrawn; the VM it
-        // detaches from is the one the volume was on, unknown now: lock on
-        // the appliance when the request names no VM.
-        let vm = req.vm_id.unwrap_or(self.appliance_vm);
+        // The job was started after the export was withdrawn. The VM it
+        // detaches from is the one the volume is still on while the job
+        // runs; once it is done, the request's VM (or the appliance) only
+        // names the event.
+        let vm = match self.backend.volume(vol).await {
+            Ok(state) => state.attached_to.or(req.vm_id).unwrap_or(self.appliance_vm),
+            Err(e) => return Outcome::backend(e, req.vm_id),
+        };
         let r = self
             .change(
                 req.request_id,

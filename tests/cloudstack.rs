@@ -253,8 +253,7 @@ async fn failures_are_classified_and_judged_by_a_reread() {
     assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
     assert_eq!(attaches_of(&emu, vol), 1);
 
-    // A job that fails for good (530 on the job, no effect) is retried and
-    // then reported; a 431 is reported at once, never retried.
+    // A 431 is reported at once and never retried.
     emu.set_faults(Faults {
         param_error_calls: Some(1),
         ..Default::default()

@@ -653,7 +653,8 @@ async fn topology_file_imports_and_a_conflicting_queue_stops_the_daemon() {
     let env = Env::new("topology").await;
     // The shipped definitions, pointed at this test's vhost, import cleanly,
     // and the daemon then finds exactly what it declares.
-    let doc = volumed::topology::Topology::for_host(HOST, 10).definitions(&env.vhost);
+    let delays = volumed::config::parse_delays("1s,5s,30s,2m,10m").expect("delays");
+    let doc = volumed::topology::Topology::for_host(HOST, 10, &delays).definitions(&env.vhost);
     let file = env.dir.path().join("defs.json");
     std::fs::write(&file, doc.to_string()).expect("write");
     common::rabbitmqctl(&["import_definitions", file.to_str().expect("utf-8 path")]);

@@ -155,6 +155,11 @@ impl Backend for LocalBackend {
     }
 
     async fn start_attach(&self, volume: Uuid, vm: Uuid) -> Result<Started, BackendError> {
+        if crate::failpoint::fails("local_backend_unavailable") {
+            return Err(BackendError::Transient(
+                "injected failure (test hook)".into(),
+            ));
+        }
         self.attach(volume, vm).await.map(|()| Started::Done)
     }
 

@@ -1,6 +1,7 @@
 //! The command line: one file per command.
 
 mod config_check;
+mod dlq;
 mod events;
 mod exports;
 mod migrate;
@@ -51,6 +52,9 @@ pub enum Command {
     Events(events::EventsArgs),
     /// List NBD exports with their live status.
     Exports(exports::ExportsArgs),
+    /// Dead letters: list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Broker topology as code.
     #[command(subcommand)]
     Topology(topology::TopologyCommand),
@@ -73,6 +77,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Detach(a) => request::detach(&cli, a).await,
         Command::Events(a) => events::run(&cli, a).await,
         Command::Exports(a) => exports::run(&cli, a).await,
+        Command::Dlq(c) => dlq::run(&cli, c).await,
         Command::Topology(c) => topology::run(&cli, c),
     }
 }
@@ -116,6 +121,21 @@ mod tests {
             ],
             vec!["volumed", "events", "--json"],
             vec!["volumed", "exports", "--json"],
+            vec![
+                "volumed",
+                "dlq",
+                "list",
+                "--reason",
+                "delivery_limit",
+                "--older-than",
+                "1h",
+            ],
+            vec!["volumed", "dlq", "show", "7"],
+            vec!["volumed", "dlq", "replay", "7", "8", "--dry-run"],
+            vec![
+                "volumed", "dlq", "replay", "--all", "--host", "oma-1", "--rate", "5", "--yes",
+            ],
+            vec!["volumed", "dlq", "purge", "--older-than", "7d", "--dry-run"],
             vec!["volumed", "topology", "definitions", "--host", "oma-1"],
         ] {
             Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));

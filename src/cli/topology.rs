@@ -25,7 +25,8 @@ pub fn run(cli: &Cli, cmd: &TopologyCommand) -> Result<ExitCode> {
             let config = cli.load_config()?;
             let host = host.clone().unwrap_or(config.host_id.clone());
             crate::config::validate_host_id(&host)?;
-            let doc = Topology::for_host(&host, config.delivery_limit).definitions(vhost);
+            let doc = Topology::for_host(&host, config.delivery_limit, &config.retry_delays)
+                .definitions(vhost);
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -61,28 +61,24 @@ impl CsError {
     }
 }
 
-/// CloudStack's error codes: 431 parameter error and 432 unknown API are
-/// permanent, as are validation messages reported under other codes; 530
-/// internal error, 533 insufficient capacity, 534 resource allocation and
-/// 536 resource in use may pass.
+/// CloudStack's error codes. Permanent: 431 parameter error, 432
+/// unsupported action, 531 account error, 532 account resource limit, 537
+/// network rule conflict, and validation messages reported under any code.
+/// Transient: 436 API rate limit, 530 internal error, 533 insufficient
+/// capacity, 534 resource unavailable, 535 resource allocation, 536 resource
+/// in use, and anything unknown.
 fn classify(code: u16, text: &str) -> ErrorClass {
+    let t = text.to_ascii_lowercase();
+    let validation = [
+        "invalid parameter",
+        "unable to find",
+        "does not exist",
+        "please specify",
+    ];
     match code {
         401 => ErrorClass::Config,
-        431 | 432 => ErrorClass::Permanent,
-        530 | 533 | 534 | 535 | 536 | 537 => {
-            let t = text.to_ascii_lowercase();
-            let validation = [
-                "invalid parameter",
-                "unable to find",
-                "does not exist",
-                "please specify",
-            ];
-            if validation.iter().any(|v| t.contains(v)) {
-                ErrorClass::Permanent
-            } else {
-                ErrorClass::Transient
-            }
-        }
+        431 | 432 | 531 | 532 | 537 => ErrorClass::Permanent,
+        _ if validation.iter().any(|v| t.contains(v)) => ErrorClass::Permanent,
         _ => ErrorClass::Transient,
     }
 }
@@ -226,12 +222,18 @@ impl Client {
     }
 
     pub async fn vm_exists(&self, id: Uuid) -> Result<bool, CsError> {
-        let r = self
+        let r = match self
             .read(
                 "listVirtualMachines",
                 &[("id", id.to_string()), ("listall", "true".into())],
             )
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            // CloudStack answers an unknown id with a parameter error.
+            Err(CsError::Api { code: 431, .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         Ok(r.get("virtualmachine")
             .and_then(Value::as_array)
             .is_some_and(|l| !l.is_empty()))

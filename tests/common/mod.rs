@@ -460,3 +460,83 @@ pub async fn collect_events(
 pub fn exists(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
 }
+
+/// A TCP proxy a test can cut: every connection through it is dropped and
+/// new ones are refused until it is restored. It stands between a daemon and
+/// PostgreSQL (or RabbitMQ) so one test can take "the database" away
+/// without touching the server other tests share.
+pub struct Proxy {
+    pub port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, c) = (Arc::clone(&down), Arc::clone(&conns));
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().expect("proxy lock").push(task.abort_handle());
+            }
+        });
+        Proxy {
+            port,
+            down,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("proxy lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// The ids of the events in a queue, by request: a request may have the
+/// same event more than once (at-least-once publishing), never two events.
+pub fn event_ids_by_request(
+    msgs: &[lapin::message::BasicGetMessage],
+) -> HashMap<Uuid, std::collections::HashSet<Uuid>> {
+    let mut out: HashMap<Uuid, std::collections::HashSet<Uuid>> = HashMap::new();
+    for m in msgs {
+        let e: Event = serde_json::from_slice(&m.delivery.data).expect("event");
+        out.entry(e.request_id).or_default().insert(e.event_id);
+    }
+    out
+}
