@@ -139,6 +139,8 @@ pub struct Config {
     /// The delay steps of the retry queues, shortest first; retry `n` waits
     /// about step `min(n, last)`.
     pub retry_delays: Vec<Duration>,
+    /// Where `/healthz` and `/readyz` are served.
+    pub http_listen: std::net::SocketAddr,
 }
 
 /// Parses `1s,5s,30s,2m,10m` (units ms, s, m, h).
@@ -265,6 +267,7 @@ struct FileConfig {
     cloudstack_tls_verify: Option<bool>,
     retry_attempts: Option<u64>,
     retry_delays: Option<String>,
+    http_listen: Option<String>,
 }
 
 /// Where the file is looked for when neither `--config` nor
@@ -309,6 +312,7 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_CLOUDSTACK_TLS_VERIFY",
     "VOLUMED_RETRY_ATTEMPTS",
     "VOLUMED_RETRY_DELAYS",
+    "VOLUMED_HTTP_LISTEN",
 ];
 
 impl Config {
@@ -569,6 +573,12 @@ impl Config {
         let retry_delays = parse_delays(&delays_spec)
             .with_context(|| format!("VOLUMED_RETRY_DELAYS={delays_spec:?}"))?;
 
+        let http_spec =
+            s("VOLUMED_HTTP_LISTEN", file.http_listen).unwrap_or_else(|| "127.0.0.1:8090".into());
+        let http_listen: std::net::SocketAddr = http_spec
+            .parse()
+            .with_context(|| format!("VOLUMED_HTTP_LISTEN={http_spec:?} is not an address:port"))?;
+
         Ok(Config {
             host_id,
             amqp_url,
@@ -598,6 +608,7 @@ impl Config {
             cloudstack,
             retry_attempts: retry_attempts as u32,
             retry_delays,
+            http_listen,
         })
     }
 
@@ -688,6 +699,7 @@ impl Config {
         ];
         let mut rows = rows;
         rows.push(("VOLUMED_RETRY_ATTEMPTS", self.retry_attempts.to_string()));
+        rows.push(("VOLUMED_HTTP_LISTEN", self.http_listen.to_string()));
         rows.push((
             "VOLUMED_RETRY_DELAYS",
             self.retry_delays

@@ -18,6 +18,7 @@ use crate::consumer::{Consumer, Stopped};
 use crate::db;
 use crate::dispatcher::Dispatcher;
 use crate::gate::Gate;
+use crate::health::Health;
 use crate::nbd::manager::Exports;
 use crate::relay::Relay;
 use crate::worker::{RetryPolicy, VmLocks, Worker};
@@ -57,11 +58,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
     db::migrate(&pool).await?;
 
+    let health = Arc::new(Health::default());
+    let gate = Arc::new(Gate::default());
+    let stop_http = CancellationToken::new();
+    let http_task = {
+        let serve = crate::health::serve(
+            config.http_listen,
+            Arc::clone(&health),
+            Arc::clone(&gate),
+            stop_http.clone(),
+        );
+        // Not fatal: the daemon's work does not depend on the endpoint,
+        // but the operator must hear of it at once.
+        tokio::spawn(async move {
+            let r = serve.await;
+            if let Err(e) = &r {
+                error!(cause = %format!("{e:#}"), "health endpoint not available");
+            }
+            r
+        })
+    };
+    tokio::spawn(crate::health::probe_database(
+        Arc::clone(&health),
+        pool.clone(),
+        stop_http.clone(),
+    ));
     let stop_exports = CancellationToken::new();
     let (exports, exports_task) = Exports::start(
         &config.nbd,
         &config.host_id,
         pool.clone(),
+        Arc::clone(&health),
         stop_exports.clone(),
     );
     let worker = Arc::new(Worker {
@@ -72,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         device_dir: config.device_dir.clone(),
         device_timeout: config.device_timeout,
         exports,
-        gate: Arc::new(Gate::default()),
+        gate,
         vm_locks: VmLocks::default(),
         retry: RetryPolicy {
             attempts: config.retry_attempts,
@@ -216,6 +243,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok((0, _)) => {}
         Ok((n, oldest)) => warn!(pending = n, ?oldest, "events left in the outbox"),
         Err(e) => warn!(cause = %e, "cannot read the outbox backlog"),
+    }
+    stop_http.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), http_task).await {
+        Ok(Ok(Err(e))) => warn!(cause = %format!("{e:#}"), "health endpoint failed"),
+        Ok(_) => {}
+        Err(_) => warn!("health endpoint did not stop in time"),
     }
     pool.close().await;
     match failure {

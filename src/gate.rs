@@ -52,6 +52,11 @@ impl Gate {
         self.closed.subscribe()
     }
 
+    /// Whether the request consumer is registered with the broker.
+    pub fn is_consuming(&self) -> bool {
+        *self.consuming.borrow()
+    }
+
     /// Reported by the consumer.
     pub fn set_consuming(&self, on: bool) {
         self.consuming.send_replace(on);

@@ -18,6 +18,7 @@ pub mod dispatcher;
 pub mod dlq;
 pub mod failpoint;
 pub mod gate;
+pub mod health;
 pub mod nbd;
 pub mod relay;
 pub mod telemetry;

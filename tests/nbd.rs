@@ -523,7 +523,13 @@ async fn bad_names_and_paths_are_refused_before_anything_is_written() {
         let cfg =
             volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
         let stop = tokio_util::sync::CancellationToken::new();
-        let (exports, task) = Exports::start(&cfg.nbd, HOST, env.pool.clone(), stop.clone());
+        let (exports, task) = Exports::start(
+            &cfg.nbd,
+            HOST,
+            env.pool.clone(),
+            std::sync::Arc::default(),
+            stop.clone(),
+        );
 
         let vol = Uuid::new_v4();
         let good = cfg.device_dir.join(volumed::backend::by_id_name(vol));
@@ -650,7 +656,13 @@ async fn a_failed_live_check_fails_the_change_and_removes_what_was_written() {
         let cfg =
             volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
         let stop = tokio_util::sync::CancellationToken::new();
-        let (exports, task) = Exports::start(&cfg.nbd, HOST, env.pool.clone(), stop.clone());
+        let (exports, task) = Exports::start(
+            &cfg.nbd,
+            HOST,
+            env.pool.clone(),
+            std::sync::Arc::default(),
+            stop.clone(),
+        );
 
         // A well-formed export whose device does not exist: the server
         // cannot open it, so the live check fails.

@@ -312,3 +312,60 @@ async fn a_request_past_its_deadline_fails_with_deadline_exceeded() {
     assert!(env.call_log(HOST).is_empty(), "nothing done");
     client.close().await;
 }
+
+/// Polls `/readyz` until it answers `status`.
+async fn wait_ready(port: u16, status: u16) -> String {
+    let start = Instant::now();
+    loop {
+        let (got, body) = common::http_get(port, "/readyz").await;
+        if got == status {
+            return body;
+        }
+        assert!(start.elapsed() < WAIT, "readyz stayed {got}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_broker_and_the_database() {
+    let env = Env::new("ready").await;
+    let proxy = Proxy::start(5432).await;
+    let db_url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, env.name);
+    let _d = env.start(HOST, &[("VOLUMED_DATABASE_URL", db_url.as_str())]);
+    let port = env.http_port(HOST);
+    assert_eq!(common::http_get(port, "/healthz").await.0, 200);
+    wait_ready(port, 200).await;
+
+    // The broker goes away for this vhost.
+    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
+    common::rabbitmqctl(&[
+        "close_all_connections",
+        "--vhost",
+        &env.vhost,
+        "test: broker down",
+    ]);
+    let body = wait_ready(port, 503).await;
+    assert!(body.contains("not consuming"), "{body}");
+    common::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    wait_ready(port, 200).await;
+
+    // The database goes away.
+    proxy.cut();
+    let body = wait_ready(port, 503).await;
+    assert!(body.contains("database unreachable"), "{body}");
+    assert_eq!(
+        common::http_get(port, "/healthz").await.0,
+        200,
+        "alive all along"
+    );
+    proxy.restore();
+    wait_ready(port, 200).await;
+}

@@ -31,6 +31,7 @@ use super::proto::{self, NbdError, Open};
 use super::{Engine, ExportName, ExportSpec, InvalidExport};
 use crate::config::{NbdConfig, NbdEngineKind};
 use crate::db::{self, NbdStats};
+use crate::health::Health;
 
 /// How often the manager looks at the server between batches.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -78,6 +79,7 @@ impl Exports {
         cfg: &NbdConfig,
         host: &str,
         pool: PgPool,
+        health: Arc<Health>,
         stop: CancellationToken,
     ) -> (Arc<Exports>, tokio::task::JoinHandle<()>) {
         let engine: Arc<dyn Engine> = match cfg.engine {
@@ -104,6 +106,7 @@ impl Exports {
             host: host.to_owned(),
             pool,
             pending: NbdStats::default(),
+            health,
         };
         let task = tokio::spawn(manager.run(rx, stop));
         (handle, task)
@@ -165,6 +168,7 @@ struct Manager {
     pool: PgPool,
     /// Counters not yet written to the database.
     pending: NbdStats,
+    health: Arc<Health>,
 }
 
 impl Manager {
@@ -173,7 +177,10 @@ impl Manager {
         // are in place.
         loop {
             match self.recover(true).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.health.set_nbd(true);
+                    break;
+                }
                 Err(e) => {
                     error!(host = %self.host, engine = self.cfg.engine.as_str(),
                            cause = %format!("{e:#}"), "NBD server not usable; retrying");
@@ -377,6 +384,7 @@ impl Manager {
     /// Between batches: restart a managed server that died; drop stale
     /// nbd-server sections when no client is connected.
     async fn watch(&mut self) {
+        self.health.set_nbd(self.server.pid().is_some());
         if self.server.pid().is_none() {
             if self.cfg.manage {
                 error!(host = %self.host, engine = self.cfg.engine.as_str(),

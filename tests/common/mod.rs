@@ -74,7 +74,7 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub appliance: Uuid,
     pub pool: PgPool,
-    /// NBD port of each host's daemon, stable across its restarts.
+    /// NBD and HTTP ports of each host's daemon, stable across restarts.
     ports: Mutex<HashMap<String, u16>>,
 }
 
@@ -129,10 +129,24 @@ impl Env {
             .or_insert_with(free_port)
     }
 
+    /// The health endpoint port of `host`'s daemon.
+    pub fn http_port(&self, host: &str) -> u16 {
+        *self
+            .ports
+            .lock()
+            .expect("ports lock")
+            .entry(format!("{host}/http"))
+            .or_insert_with(free_port)
+    }
+
     /// The environment a daemon for `host` runs with.
     pub fn daemon_env(&self, host: &str) -> Vec<(String, String)> {
         [
             ("VOLUMED_NBD_PORT", self.nbd_port(host).to_string()),
+            (
+                "VOLUMED_HTTP_LISTEN",
+                format!("127.0.0.1:{}", self.http_port(host)),
+            ),
             ("VOLUMED_HOST_ID", host.to_string()),
             ("VOLUMED_AMQP_URL", self.amqp_url.expose().to_string()),
             ("VOLUMED_DATABASE_URL", self.db_url.expose().to_string()),
@@ -539,4 +553,13 @@ pub fn event_ids_by_request(
         out.entry(e.request_id).or_default().insert(e.event_id);
     }
     out
+}
+
+/// GET a path on a daemon's health endpoint: (status, body).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .expect("health endpoint answers");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
 }
