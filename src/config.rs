@@ -141,9 +141,21 @@ pub struct Config {
     pub retry_delays: Vec<Duration>,
     /// Where `/healthz` and `/readyz` are served.
     pub http_listen: std::net::SocketAddr,
+    /// How often the daemon reconciles after its start-up run; `None`
+    /// (`VOLUMED_RECONCILE_INTERVAL_SECS=0`) runs it at start-up only.
+    pub reconcile_interval: Option<Duration>,
+    /// Whether the daemon's own reconciliations repair what is safe.
+    pub reconcile_apply: bool,
+    /// A running operation untouched this long is abandoned by the
+    /// reconciler.
+    pub stuck_after: Duration,
 }
 
-/// Parses `1s,5s,30s,2m,10m` (units ms, s, m, h).
+/// The default retry steps: with the default 5 attempts, each of the 4
+/// retries has its own step.
+pub const DEFAULT_RETRY_DELAYS: &str = "1s,5s,30s,2m";
+
+/// Parses `1s,5s,30s,2m` (units ms, s, m, h).
 pub fn parse_delays(s: &str) -> Result<Vec<Duration>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -154,11 +166,12 @@ pub fn parse_delays(s: &str) -> Result<Vec<Duration>> {
         let n: u64 = num
             .parse()
             .with_context(|| format!("retry delay {part:?} must start with a number"))?;
+        let too_long = || anyhow::anyhow!("retry delay {part:?} is out of range: 10ms to 24h");
         let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" | "" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_long)?),
             other => bail!("retry delay {part:?} has unknown unit {other:?}: use ms, s, m or h"),
         };
         if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
@@ -268,6 +281,9 @@ struct FileConfig {
     retry_attempts: Option<u64>,
     retry_delays: Option<String>,
     http_listen: Option<String>,
+    reconcile_interval_secs: Option<u64>,
+    reconcile_apply: Option<bool>,
+    stuck_after_secs: Option<u64>,
 }
 
 /// Where the file is looked for when neither `--config` nor
@@ -313,6 +329,9 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_RETRY_ATTEMPTS",
     "VOLUMED_RETRY_DELAYS",
     "VOLUMED_HTTP_LISTEN",
+    "VOLUMED_RECONCILE_INTERVAL_SECS",
+    "VOLUMED_RECONCILE_APPLY",
+    "VOLUMED_STUCK_AFTER_SECS",
 ];
 
 impl Config {
@@ -569,7 +588,7 @@ impl Config {
             bail!("VOLUMED_RETRY_ATTEMPTS={retry_attempts} is out of range: 1 to 100");
         }
         let delays_spec = s("VOLUMED_RETRY_DELAYS", file.retry_delays)
-            .unwrap_or_else(|| "1s,5s,30s,2m,10m".into());
+            .unwrap_or_else(|| DEFAULT_RETRY_DELAYS.into());
         let retry_delays = parse_delays(&delays_spec)
             .with_context(|| format!("VOLUMED_RETRY_DELAYS={delays_spec:?}"))?;
 
@@ -578,6 +597,24 @@ impl Config {
         let http_listen: std::net::SocketAddr = http_spec
             .parse()
             .with_context(|| format!("VOLUMED_HTTP_LISTEN={http_spec:?} is not an address:port"))?;
+
+        let reconcile_interval = secs(
+            "VOLUMED_RECONCILE_INTERVAL_SECS",
+            file.reconcile_interval_secs,
+            300,
+        )?;
+        let reconcile_apply = match env("VOLUMED_RECONCILE_APPLY") {
+            Some(v) => match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => bail!("VOLUMED_RECONCILE_APPLY={v:?} is not a boolean"),
+            },
+            None => file.reconcile_apply.unwrap_or(true),
+        };
+        let stuck_after = secs("VOLUMED_STUCK_AFTER_SECS", file.stuck_after_secs, 3600)?;
+        if stuck_after < Duration::from_secs(60) {
+            bail!("VOLUMED_STUCK_AFTER_SECS must be at least 60");
+        }
 
         Ok(Config {
             host_id,
@@ -609,6 +646,9 @@ impl Config {
             retry_attempts: retry_attempts as u32,
             retry_delays,
             http_listen,
+            reconcile_interval: (!reconcile_interval.is_zero()).then_some(reconcile_interval),
+            reconcile_apply,
+            stuck_after,
         })
     }
 
@@ -700,6 +740,18 @@ impl Config {
         let mut rows = rows;
         rows.push(("VOLUMED_RETRY_ATTEMPTS", self.retry_attempts.to_string()));
         rows.push(("VOLUMED_HTTP_LISTEN", self.http_listen.to_string()));
+        rows.push((
+            "VOLUMED_RECONCILE_INTERVAL_SECS",
+            self.reconcile_interval
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+                .to_string(),
+        ));
+        rows.push(("VOLUMED_RECONCILE_APPLY", self.reconcile_apply.to_string()));
+        rows.push((
+            "VOLUMED_STUCK_AFTER_SECS",
+            self.stuck_after.as_secs().to_string(),
+        ));
         rows.push((
             "VOLUMED_RETRY_DELAYS",
             self.retry_delays

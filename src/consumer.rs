@@ -290,6 +290,7 @@ impl Consumer {
                 }),
                 attempts: 1,
                 cloud_device_id: None,
+                repair: None,
             };
             let finish = Finish {
                 host: &self.config.host_id,
@@ -420,11 +421,27 @@ async fn republish(
     for (k, v) in extra {
         headers.insert(k.into(), v);
     }
-    let mut props = d
-        .properties
-        .clone()
+    // A fresh set of properties: the request's own `expiration`, say,
+    // must not make a dead letter expire before it is stored.
+    let p = &d.properties;
+    let mut props = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(2);
+    if let Some(v) = p.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = p.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        props = props.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = p.kind() {
+        props = props.with_type(v.clone());
+    }
     if let Some(e) = expiration {
         props = props.with_expiration(e.as_millis().to_string().into());
     }

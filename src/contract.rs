@@ -115,6 +115,9 @@ pub enum ErrorCode {
     BackendRejected,
     /// The request's `deadline` passed before it could be completed.
     DeadlineExceeded,
+    /// The operation stayed unfinished with no message left to finish it
+    /// (found by the reconciler).
+    Abandoned,
     /// A bug or an unexpected state in volumed itself.
     Internal,
 }
@@ -137,6 +140,7 @@ impl ErrorCode {
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::BackendRejected => "backend_rejected",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Abandoned => "abandoned",
             ErrorCode::Internal => "internal",
         }
     }
@@ -476,6 +480,10 @@ pub enum EventType {
     DetachSucceeded,
     #[serde(rename = "volume.detach.failed")]
     DetachFailed,
+    /// The reconciler repaired a drift between volumed's records and the
+    /// world (not the outcome of a request).
+    #[serde(rename = "volume.reconciled")]
+    Reconciled,
 }
 
 impl EventType {
@@ -485,6 +493,7 @@ impl EventType {
             EventType::AttachFailed => "volume.attach.failed",
             EventType::DetachSucceeded => "volume.detach.succeeded",
             EventType::DetachFailed => "volume.detach.failed",
+            EventType::Reconciled => "volume.reconciled",
         }
     }
 
@@ -537,6 +546,17 @@ pub struct Event {
     /// failover attach reports where the volume landed).
     #[serde(default)]
     pub cloud_device_id: Option<i64>,
+    /// On `volume.reconciled` events: what was found and what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepairInfo {
+    /// The kind of drift (see docs/reliability.md).
+    pub kind: String,
+    /// What the reconciler did about it.
+    pub action: String,
 }
 
 #[cfg(test)]
@@ -687,6 +707,7 @@ mod tests {
             }),
             attempts: 1,
             cloud_device_id: None,
+            repair: None,
         };
         let v = serde_json::to_value(&ev).expect("serialisable");
         assert_eq!(v["type"], "volume.detach.failed");

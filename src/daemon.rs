@@ -6,20 +6,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::cloudstack::CloudStackBackend;
-use crate::backend::local::LocalBackend;
 use crate::backend::Backend;
-use crate::config::{BackendKind, Config};
+use crate::config::Config;
 use crate::consumer::{Consumer, Stopped};
 use crate::db;
 use crate::dispatcher::Dispatcher;
 use crate::gate::Gate;
 use crate::health::Health;
 use crate::nbd::manager::Exports;
+use crate::reconcile::Reconciler;
 use crate::relay::Relay;
 use crate::worker::{RetryPolicy, VmLocks, Worker};
 
@@ -27,32 +26,7 @@ use crate::worker::{RetryPolicy, VmLocks, Worker};
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let config = Arc::new(config);
     let appliance_vm = config.require_appliance_vm()?;
-    let backend: Arc<dyn Backend> = match config.backend {
-        BackendKind::Local => {
-            std::fs::create_dir_all(&config.data_dir).with_context(|| {
-                format!(
-                    "cannot create VOLUMED_DATA_DIR {}",
-                    config.data_dir.display()
-                )
-            })?;
-            Arc::new(LocalBackend::new(
-                &config.data_dir,
-                &config.device_dir,
-                appliance_vm,
-                config.local_latency,
-            ))
-        }
-        BackendKind::CloudStack => {
-            let cs = config
-                .cloudstack
-                .as_ref()
-                .context("VOLUMED_BACKEND=cloudstack without CloudStack settings")?;
-            Arc::new(
-                CloudStackBackend::new(cs, appliance_vm)
-                    .map_err(|e| anyhow::anyhow!("cannot set up the CloudStack client: {e}"))?,
-            )
-        }
-    };
+    let backend: Arc<dyn Backend> = crate::backend::build(&config, appliance_vm)?;
 
     // Workers, the relay and its listener each hold a connection at times.
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
@@ -91,6 +65,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::clone(&health),
         stop_exports.clone(),
     );
+    let stop_reconcile = CancellationToken::new();
+    tokio::spawn(crate::reconcile::periodic(
+        Reconciler {
+            host: config.host_id.clone(),
+            appliance_vm,
+            device_dir: config.device_dir.clone(),
+            pool: pool.clone(),
+            backend: Arc::clone(&backend),
+            engine: crate::nbd::engine_for(&config.nbd),
+            nbd: config.nbd.clone(),
+            stuck_after: config.stuck_after,
+        },
+        config.reconcile_apply,
+        config.reconcile_interval,
+        stop_reconcile.clone(),
+    ));
     let worker = Arc::new(Worker {
         host: config.host_id.clone(),
         appliance_vm,
@@ -152,6 +142,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // One deadline for the whole stop, so it never takes longer than
     // VOLUMED_SHUTDOWN_TIMEOUT_SECS plus the final closes.
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+
+    stop_reconcile.cancel();
 
     // 1. Stop taking requests. The consumer hands back its connection so
     //    that operations still running can acknowledge on it.

@@ -359,6 +359,23 @@ async fn apply_change(
     Ok(())
 }
 
+/// Writes an event that finishes no request (a reconciler repair) to the
+/// outbox, in the caller's transaction.
+pub async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &Event,
+) -> Result<(), sqlx::Error> {
+    insert_outbox(
+        tx,
+        &Outgoing {
+            event: event.clone(),
+            correlation_id: None,
+            reply_to: None,
+        },
+    )
+    .await
+}
+
 async fn insert_outbox(
     tx: &mut Transaction<'_, Postgres>,
     out: &Outgoing,

@@ -128,8 +128,8 @@ impl DeadLetter {
     pub fn from_delivery(host: &str, d: &Delivery) -> DeadLetter {
         let headers = d.properties.headers().clone().unwrap_or_default();
         let text = |k: &str| match headers.inner().get(k) {
-            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-            Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+            Some(AMQPValue::LongString(s)) => Some(clean(&s.to_string())),
+            Some(AMQPValue::ShortString(s)) => Some(clean(s.as_str())),
             _ => None,
         };
         let death = match headers.inner().get("x-death") {
@@ -174,7 +174,7 @@ impl DeadLetter {
             .properties
             .message_id()
             .as_ref()
-            .map(ShortString::to_string);
+            .map(|m| clean(m.as_str()));
         DeadLetter {
             host: host.to_owned(),
             request_id: message_id
@@ -236,6 +236,12 @@ impl DeadLetter {
     }
 }
 
+/// PostgreSQL text cannot hold U+0000; a dead letter carrying one is
+/// stored with U+FFFD in its place rather than block the queue.
+fn clean(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
 fn amqp_json(v: &AMQPValue) -> Value {
     match v {
         AMQPValue::Boolean(b) => json!(b),
@@ -249,8 +255,8 @@ fn amqp_json(v: &AMQPValue) -> Value {
         AMQPValue::Float(f) => json!(f),
         AMQPValue::Double(f) => json!(f),
         AMQPValue::DecimalValue(d) => json!(format!("{d:?}")),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::LongString(s) => json!(s.to_string()),
+        AMQPValue::ShortString(s) => json!(clean(s.as_str())),
+        AMQPValue::LongString(s) => json!(clean(&s.to_string())),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_json).collect()),
         AMQPValue::Timestamp(t) => json!(t),
         AMQPValue::FieldTable(t) => field_table_json(t),
@@ -262,13 +268,13 @@ fn amqp_json(v: &AMQPValue) -> Value {
 fn field_table_json(t: &FieldTable) -> Value {
     let mut m = Map::new();
     for (k, v) in t.inner() {
-        m.insert(k.to_string(), amqp_json(v));
+        m.insert(clean(k.as_str()), amqp_json(v));
     }
     Value::Object(m)
 }
 
 fn properties_json(p: &BasicProperties) -> Value {
-    let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.to_string());
+    let s = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str()));
     json!({
         "message_id": s(p.message_id()),
         "correlation_id": s(p.correlation_id()),

@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod gate;
 pub mod health;
 pub mod nbd;
+pub mod reconcile;
 pub mod relay;
 pub mod telemetry;
 pub mod topology;

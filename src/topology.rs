@@ -271,7 +271,8 @@ mod tests {
         let shipped: Value =
             serde_json::from_str(include_str!("../queue-topology/definitions.json"))
                 .expect("queue-topology/definitions.json is JSON");
-        let delays = crate::config::parse_delays("1s,5s,30s,2m,10m").expect("default delays");
+        let delays = crate::config::parse_delays(crate::config::DEFAULT_RETRY_DELAYS)
+            .expect("default delays");
         let generated = Topology::for_host("oma-1", 10, &delays).definitions("/");
         assert_eq!(
             shipped, generated,

@@ -663,6 +663,7 @@ impl Worker {
             error: error.clone(),
             attempts,
             cloud_device_id: outcome.cloud_device_id,
+            repair: None,
         };
         let finish = Finish {
             host: &self.host,

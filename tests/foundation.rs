@@ -640,7 +640,8 @@ async fn topology_file_imports_and_a_conflicting_queue_stops_the_daemon() {
     let env = Env::new("topology").await;
     // The shipped definitions, pointed at this test's vhost, import cleanly,
     // and the daemon then finds exactly what it declares.
-    let delays = volumed::config::parse_delays("1s,5s,30s,2m,10m").expect("delays");
+    let delays =
+        volumed::config::parse_delays(volumed::config::DEFAULT_RETRY_DELAYS).expect("delays");
     let doc = volumed::topology::Topology::for_host(HOST, 10, &delays).definitions(&env.vhost);
     let file = env.dir.path().join("defs.json");
     std::fs::write(&file, doc.to_string()).expect("write");
@@ -744,6 +745,7 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
         error: None,
         attempts: 1,
         cloud_device_id: None,
+        repair: None,
     };
     sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body)

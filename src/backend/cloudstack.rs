@@ -72,6 +72,18 @@ impl Backend for CloudStackBackend {
             .map_err(to_backend)
     }
 
+    async fn volumes_on(&self, vm: Uuid) -> Result<Vec<VolumeState>, BackendError> {
+        let vols = self.client.volumes_on(vm).await.map_err(to_backend)?;
+        Ok(vols
+            .into_iter()
+            .map(|v| VolumeState {
+                id: v.id,
+                attached_to: v.vm,
+                device_id: v.device_id,
+            })
+            .collect())
+    }
+
     async fn wait_job(&self, job: &str) -> Result<(), BackendError> {
         self.client.wait(job).await.map(|_| ()).map_err(to_backend)
     }

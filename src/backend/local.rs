@@ -167,6 +167,37 @@ impl Backend for LocalBackend {
         self.detach(volume, vm).await.map(|()| Started::Done)
     }
 
+    async fn volumes_on(&self, vm: Uuid) -> Result<Vec<VolumeState>, BackendError> {
+        let dir = Self::volumes_dir(&self.data_dir);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io)?;
+            let name = e.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".attachment"))
+                .and_then(crate::contract::parse_uuid)
+            else {
+                continue;
+            };
+            if let Some(a) = read_attachment(&e.path()).map_err(io)? {
+                if a.vm_id == vm {
+                    out.push(VolumeState {
+                        id,
+                        attached_to: Some(vm),
+                        device_id: None,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn wait_job(&self, job: &str) -> Result<(), BackendError> {
         Err(BackendError::Permanent(format!(
             "the local backend runs no jobs, yet job {job} was recorded"

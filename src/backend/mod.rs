@@ -68,6 +68,42 @@ pub trait Backend: Send + Sync + 'static {
     async fn start_detach(&self, volume: Uuid, vm: Uuid) -> Result<Started, BackendError>;
     /// Waits for a job to finish (bounded by the backend's job timeout).
     async fn wait_job(&self, job: &str) -> Result<(), BackendError>;
+    /// The volumes attached to `vm` (for the reconciler).
+    async fn volumes_on(&self, vm: Uuid) -> Result<Vec<VolumeState>, BackendError>;
+}
+
+/// Builds the configured backend.
+pub fn build(
+    config: &crate::config::Config,
+    appliance_vm: Uuid,
+) -> anyhow::Result<std::sync::Arc<dyn Backend>> {
+    use anyhow::Context;
+    Ok(match config.backend {
+        crate::config::BackendKind::Local => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!(
+                    "cannot create VOLUMED_DATA_DIR {}",
+                    config.data_dir.display()
+                )
+            })?;
+            std::sync::Arc::new(local::LocalBackend::new(
+                &config.data_dir,
+                &config.device_dir,
+                appliance_vm,
+                config.local_latency,
+            ))
+        }
+        crate::config::BackendKind::CloudStack => {
+            let cs = config
+                .cloudstack
+                .as_ref()
+                .context("VOLUMED_BACKEND=cloudstack without CloudStack settings")?;
+            std::sync::Arc::new(
+                cloudstack::CloudStackBackend::new(cs, appliance_vm)
+                    .map_err(|e| anyhow::anyhow!("cannot set up the CloudStack client: {e}"))?,
+            )
+        }
+    })
 }
 
 /// The virtio serial a KVM guest sees for a volume: its id without hyphens,

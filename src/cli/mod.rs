@@ -5,6 +5,7 @@ mod dlq;
 mod events;
 mod exports;
 mod migrate;
+mod reconcile;
 mod request;
 mod run;
 mod topology;
@@ -55,6 +56,9 @@ pub enum Command {
     /// Dead letters: list, show, replay, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Compare records with the backend, devices and NBD exports; repair
+    /// with --apply.
+    Reconcile(reconcile::ReconcileArgs),
     /// Broker topology as code.
     #[command(subcommand)]
     Topology(topology::TopologyCommand),
@@ -78,6 +82,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Events(a) => events::run(&cli, a).await,
         Command::Exports(a) => exports::run(&cli, a).await,
         Command::Dlq(c) => dlq::run(&cli, c).await,
+        Command::Reconcile(a) => reconcile::run(&cli, a).await,
         Command::Topology(c) => topology::run(&cli, c),
     }
 }
@@ -131,6 +136,7 @@ mod tests {
                 "1h",
             ],
             vec!["volumed", "dlq", "show", "7"],
+            vec!["volumed", "reconcile", "--apply", "--json"],
             vec!["volumed", "dlq", "replay", "7", "8", "--dry-run"],
             vec![
                 "volumed", "dlq", "replay", "--all", "--host", "oma-1", "--rate", "5", "--yes",

@@ -221,6 +221,26 @@ impl Client {
             .transpose()
     }
 
+    /// The volumes attached to a VM.
+    pub async fn volumes_on(&self, vm: Uuid) -> Result<Vec<CsVolume>, CsError> {
+        let r = self
+            .read(
+                "listVolumes",
+                &[
+                    ("virtualmachineid", vm.to_string()),
+                    ("listall", "true".into()),
+                ],
+            )
+            .await?;
+        let Some(list) = r.get("volume").and_then(Value::as_array) else {
+            return Ok(Vec::new());
+        };
+        list.iter()
+            .map(parse_volume)
+            .filter(|v| v.as_ref().map(|v| v.vm == Some(vm)).unwrap_or(true))
+            .collect()
+    }
+
     pub async fn vm_exists(&self, id: Uuid) -> Result<bool, CsError> {
         let r = match self
             .read(

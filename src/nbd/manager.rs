@@ -82,10 +82,7 @@ impl Exports {
         health: Arc<Health>,
         stop: CancellationToken,
     ) -> (Arc<Exports>, tokio::task::JoinHandle<()>) {
-        let engine: Arc<dyn Engine> = match cfg.engine {
-            NbdEngineKind::Nbdkit => Arc::new(super::nbdkit::Nbdkit::new(cfg)),
-            NbdEngineKind::NbdServer => Arc::new(super::nbd_server::NbdServer::new(cfg)),
-        };
+        let engine = super::engine_for(cfg);
         let server = ServerProcess {
             pidfile: cfg.pidfile.clone(),
             program: engine.program(),

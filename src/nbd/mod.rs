@@ -160,6 +160,16 @@ impl ExportSpec {
     }
 }
 
+/// The engine a configuration names.
+pub fn engine_for(cfg: &crate::config::NbdConfig) -> std::sync::Arc<dyn Engine> {
+    match cfg.engine {
+        crate::config::NbdEngineKind::Nbdkit => std::sync::Arc::new(nbdkit::Nbdkit::new(cfg)),
+        crate::config::NbdEngineKind::NbdServer => {
+            std::sync::Arc::new(nbd_server::NbdServer::new(cfg))
+        }
+    }
+}
+
 /// An export engine: how exports are written, withdrawn and made visible to
 /// one kind of NBD server. Methods that touch files are called by the
 /// manager with the per-host lock held; they are small synchronous file
