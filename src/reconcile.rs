@@ -87,6 +87,9 @@ impl Report {
     }
 }
 
+/// request id, op, volume, VM, attempts, step.
+type StuckRow = (Uuid, String, Option<Uuid>, Option<Uuid>, i32, String);
+
 /// A change to the records that repairs a drift.
 enum DbRepair {
     /// Record the attachment to the appliance the backend reports.
@@ -415,7 +418,7 @@ impl Reconciler {
     /// finished. With `apply` they fail with `abandoned` and an event.
     async fn check_stuck(&self, apply: bool, out: &mut Vec<Drift>) -> Result<()> {
         let cutoff = Utc::now() - chrono::Duration::from_std(self.stuck_after)?;
-        let rows: Vec<(Uuid, String, Option<Uuid>, Option<Uuid>, i32, String)> = sqlx::query_as(
+        let rows: Vec<StuckRow> = sqlx::query_as(
             "SELECT request_id, op, volume_id, vm_id, attempts, step FROM operations
               WHERE host = $1 AND state = 'running' AND updated_at < $2",
         )
