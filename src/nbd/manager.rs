@@ -314,11 +314,19 @@ impl Manager {
             exports = serving.len(),
             "NBD server serving"
         );
-        for row in rows {
-            match self.check_served(&row.export_name).await {
-                Ok(()) => {}
-                Err(e) => warn!(export = %row.export_name, volume.id = %row.volume_id, cause = %e,
-                                "recorded export is not served"),
+        // One look at each recorded export, all at once: this is a report
+        // (a withdrawal may have been under way), and waiting out a check
+        // timeout per export would hold up every change behind it.
+        let me: &Manager = self;
+        let looks = rows
+            .iter()
+            .map(|row| async move { (row, me.probe(&row.export_name).await) });
+        for (row, look) in futures_util::future::join_all(looks).await {
+            let served =
+                matches!(&look, Ok(p) if p.listed && matches!(p.open, Open::Served { .. }));
+            if !served {
+                warn!(export = %row.export_name, volume.id = %row.volume_id, look = ?look,
+                      "recorded export is not served");
             }
         }
         Ok(())
