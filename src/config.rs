@@ -356,6 +356,14 @@ impl Config {
         };
 
         let s = |name: &str, file: Option<String>| env(name).or(file);
+        let flag = |name: &str, file: Option<bool>, default: bool| -> Result<bool> {
+            match env(name).as_deref() {
+                None => Ok(file.unwrap_or(default)),
+                Some("true" | "1" | "yes") => Ok(true),
+                Some("false" | "0" | "no") => Ok(false),
+                Some(v) => bail!("{name}={v:?} is not a boolean: use true or false"),
+            }
+        };
         let n = |name: &str, file: Option<u64>| -> Result<Option<u64>> {
             match env(name) {
                 Some(v) => v
@@ -482,14 +490,7 @@ impl Config {
             for a in &allow {
                 validate_allow(a)?;
             }
-            let manage = match env("VOLUMED_NBD_MANAGE") {
-                Some(v) => match v.as_str() {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    _ => bail!("VOLUMED_NBD_MANAGE={v:?} is not a boolean: use true or false"),
-                },
-                None => file.nbd_manage.unwrap_or(true),
-            };
+            let manage = flag("VOLUMED_NBD_MANAGE", file.nbd_manage, true)?;
             let default_config = match engine {
                 NbdEngineKind::Nbdkit => data_dir.join("exports"),
                 NbdEngineKind::NbdServer => data_dir.join("nbd-server").join("config"),
@@ -549,14 +550,11 @@ impl Config {
                 Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
                 _ => bail!("VOLUMED_CLOUDSTACK_URL={url:?} is not an http(s) URL"),
             }
-            let tls_verify = match env("VOLUMED_CLOUDSTACK_TLS_VERIFY") {
-                Some(v) => match v.as_str() {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    _ => bail!("VOLUMED_CLOUDSTACK_TLS_VERIFY={v:?} is not a boolean"),
-                },
-                None => file.cloudstack_tls_verify.unwrap_or(true),
-            };
+            let tls_verify = flag(
+                "VOLUMED_CLOUDSTACK_TLS_VERIFY",
+                file.cloudstack_tls_verify,
+                true,
+            )?;
             Some(CloudStackConfig {
                 url,
                 api_key: need(
@@ -603,14 +601,7 @@ impl Config {
             file.reconcile_interval_secs,
             300,
         )?;
-        let reconcile_apply = match env("VOLUMED_RECONCILE_APPLY") {
-            Some(v) => match v.as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => bail!("VOLUMED_RECONCILE_APPLY={v:?} is not a boolean"),
-            },
-            None => file.reconcile_apply.unwrap_or(true),
-        };
+        let reconcile_apply = flag("VOLUMED_RECONCILE_APPLY", file.reconcile_apply, true)?;
         let stuck_after = secs("VOLUMED_STUCK_AFTER_SECS", file.stuck_after_secs, 3600)?;
         if stuck_after < Duration::from_secs(60) {
             bail!("VOLUMED_STUCK_AFTER_SECS must be at least 60");

@@ -261,7 +261,8 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     Ok(true)
 }
 
-async fn apply_change(
+/// Applies an attachment change (also used by the reconciler's repairs).
+pub async fn apply_change(
     tx: &mut Transaction<'_, Postgres>,
     host: &str,
     request_id: Uuid,
@@ -590,4 +591,18 @@ pub async fn nbd_stats(
     .bind(engine)
     .fetch_optional(pool)
     .await
+}
+
+/// Whether an operation on `volume` is running.
+pub async fn volume_busy<'e, E>(e: E, volume: Uuid) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE volume_id = $1 AND state = 'running'",
+    )
+    .bind(volume)
+    .fetch_one(e)
+    .await?;
+    Ok(n > 0)
 }

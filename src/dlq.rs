@@ -386,17 +386,9 @@ pub async fn replays(
 
 /// Deletes the dead letters matching `f`; returns how many.
 pub async fn purge(pool: &PgPool, f: &Filter) -> Result<u64, sqlx::Error> {
-    let sql = format!("DELETE FROM dead_letters{WHERE}");
-    let q = sqlx::query(&sql)
-        .bind(&f.host)
-        .bind(&f.reason)
-        .bind(&f.code)
-        .bind(f.volume)
-        .bind(f.before)
-        .bind(f.after)
-        .bind(f.status.clone().unwrap_or_else(|| "dead".into()))
-        .bind(&f.ids);
-    Ok(q.execute(pool).await?.rows_affected())
+    let sql = format!("DELETE FROM dead_letters{WHERE} RETURNING id");
+    let gone: Vec<(i64,)> = bind(sqlx::query_as(&sql), f).fetch_all(pool).await?;
+    Ok(gone.len() as u64)
 }
 
 /// What a replay did.

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::backend::{by_id_name, Backend};
 use crate::config::NbdConfig;
 use crate::contract::{ErrorCode, Event, EventType, RepairInfo};
+use crate::db::AttachmentChange;
 use crate::nbd::{nbd_server::PLACEHOLDER, proto, Engine, ExportName};
 
 /// Everything the reconciler looks at.
@@ -519,13 +520,7 @@ impl Reconciler {
         let mut tx = self.pool.begin().await?;
         // Checked again inside the transaction: an operation may have
         // started since the snapshot.
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM operations WHERE volume_id = $1 AND state = 'running'",
-        )
-        .bind(volume)
-        .fetch_one(&mut *tx)
-        .await?;
-        if running > 0 {
+        if crate::db::volume_busy(&mut *tx, volume).await? {
             return Ok("skipped: an operation on the volume started meanwhile".into());
         }
         self.apply_db(&mut tx, volume, &change).await?;
@@ -575,20 +570,12 @@ impl Reconciler {
                 .await?;
             }
             DbRepair::Forget => {
-                sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
-                    .bind(vol)
-                    .execute(&mut **tx)
-                    .await?;
-                sqlx::query("DELETE FROM volume_attachments WHERE volume_id = $1")
-                    .bind(vol)
-                    .execute(&mut **tx)
-                    .await?;
+                let change = AttachmentChange::Remove { volume_id: vol };
+                crate::db::apply_change(tx, &self.host, Uuid::nil(), &change).await?;
             }
             DbRepair::ForgetExport => {
-                sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
-                    .bind(vol)
-                    .execute(&mut **tx)
-                    .await?;
+                let change = AttachmentChange::RemoveExport { volume_id: vol };
+                crate::db::apply_change(tx, &self.host, Uuid::nil(), &change).await?;
             }
         }
         Ok(())
@@ -645,13 +632,7 @@ impl Reconciler {
             Err(e) => return format!("repair failed: {e}"),
         };
         if let Some(v) = vol {
-            let running: Result<i64, _> = sqlx::query_scalar(
-                "SELECT count(*) FROM operations WHERE volume_id = $1 AND state = 'running'",
-            )
-            .bind(v)
-            .fetch_one(&self.pool)
-            .await;
-            if running.map(|n| n > 0).unwrap_or(true) {
+            if crate::db::volume_busy(&self.pool, v).await.unwrap_or(true) {
                 return "skipped: an operation on the volume started meanwhile".into();
             }
         }

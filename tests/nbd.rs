@@ -472,6 +472,34 @@ async fn a_server_killed_while_idle_comes_back_with_its_exports(engine: &str) {
     assert_eq!(attach(&env, v).await.event_type, EventType::AttachSucceeded);
 }
 
+/// A configuration for an export manager run inside the test, with its
+/// own directory and port: (directory, engine config path, config).
+fn engine_config(
+    env: &Env,
+    engine: &str,
+    extra: &[(&str, &str)],
+) -> (PathBuf, PathBuf, volumed::config::Config) {
+    let dir = env.dir.path().join(engine);
+    let config = match engine {
+        "nbdkit" => dir.join("exports"),
+        _ => dir.join("config"),
+    };
+    let mut vars: std::collections::HashMap<String, String> =
+        env.daemon_env(HOST).into_iter().collect();
+    vars.insert("VOLUMED_NBD_ENGINE".into(), engine.into());
+    vars.insert("VOLUMED_NBD_CONFIG".into(), config.display().to_string());
+    vars.insert("VOLUMED_NBD_PORT".into(), common::free_port().to_string());
+    vars.insert(
+        "VOLUMED_NBD_PIDFILE".into(),
+        dir.join("pid").display().to_string(),
+    );
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let cfg = volumed::config::Config::load_with(None, &|k| vars.get(k).cloned()).expect("config");
+    (dir, config, cfg)
+}
+
 macro_rules! both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod nbdkit {
@@ -508,22 +536,7 @@ async fn bad_names_and_paths_are_refused_before_anything_is_written() {
     use volumed::nbd::{ExportName, ExportSpec};
     let env = Env::new("nbd_bad").await;
     for engine in ["nbdkit", "nbd-server"] {
-        let dir = env.dir.path().join(engine);
-        let config = match engine {
-            "nbdkit" => dir.join("exports"),
-            _ => dir.join("config"),
-        };
-        let mut vars: Vec<(String, String)> = env.daemon_env(HOST);
-        vars.push(("VOLUMED_NBD_ENGINE".into(), engine.into()));
-        vars.push(("VOLUMED_NBD_CONFIG".into(), config.display().to_string()));
-        vars.push(("VOLUMED_NBD_PORT".into(), common::free_port().to_string()));
-        vars.push((
-            "VOLUMED_NBD_PIDFILE".into(),
-            dir.join("pid").display().to_string(),
-        ));
-        let map: std::collections::HashMap<String, String> = vars.into_iter().collect();
-        let cfg =
-            volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
+        let (dir, config, cfg) = engine_config(&env, engine, &[]);
         let stop = tokio_util::sync::CancellationToken::new();
         let (exports, task) = Exports::start(
             &cfg.nbd,
@@ -640,23 +653,8 @@ async fn a_failed_live_check_fails_the_change_and_removes_what_was_written() {
     use volumed::nbd::ExportSpec;
     let env = Env::new("nbd_undo").await;
     for engine in ["nbdkit", "nbd-server"] {
-        let dir = env.dir.path().join(engine);
-        let config = match engine {
-            "nbdkit" => dir.join("exports"),
-            _ => dir.join("config"),
-        };
-        let mut vars: Vec<(String, String)> = env.daemon_env(HOST);
-        vars.push(("VOLUMED_NBD_ENGINE".into(), engine.into()));
-        vars.push(("VOLUMED_NBD_CONFIG".into(), config.display().to_string()));
-        vars.push(("VOLUMED_NBD_PORT".into(), common::free_port().to_string()));
-        vars.push((
-            "VOLUMED_NBD_PIDFILE".into(),
-            dir.join("pid").display().to_string(),
-        ));
-        vars.push(("VOLUMED_NBD_CHECK_TIMEOUT_SECS".into(), "2".into()));
-        let map: std::collections::HashMap<String, String> = vars.into_iter().collect();
-        let cfg =
-            volumed::config::Config::load_with(None, &|k| map.get(k).cloned()).expect("config");
+        let (dir, config, cfg) =
+            engine_config(&env, engine, &[("VOLUMED_NBD_CHECK_TIMEOUT_SECS", "2")]);
         let stop = tokio_util::sync::CancellationToken::new();
         let (exports, task) = Exports::start(
             &cfg.nbd,

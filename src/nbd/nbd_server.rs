@@ -102,6 +102,15 @@ impl NbdServer {
         ]
     }
 
+    /// The names of the configured exports (none when unreadable).
+    fn configured_names(&self) -> BTreeSet<String> {
+        self.configured()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n.as_str().to_owned())
+            .collect()
+    }
+
     fn loaded(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         // The set is rebuilt from the files at every server start, so a
         // poisoned lock loses nothing that matters.
@@ -305,24 +314,14 @@ impl Engine for NbdServer {
         let r = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
             .map_err(std::io::Error::from);
         if r.is_ok() {
-            let names: Vec<String> = self
-                .configured()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(n, _)| n.as_str().to_owned())
-                .collect();
+            let names = self.configured_names();
             self.loaded().extend(names);
         }
         Some(r)
     }
 
     fn started(&self, serving: &[String]) {
-        let configured: BTreeSet<String> = self
-            .configured()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, _)| n.as_str().to_owned())
-            .collect();
+        let configured = self.configured_names();
         let names: BTreeSet<String> = serving
             .iter()
             .filter(|n| n.as_str() != PLACEHOLDER)
@@ -345,12 +344,7 @@ impl Engine for NbdServer {
     }
 
     fn stale(&self) -> Vec<String> {
-        let configured: BTreeSet<String> = self
-            .configured()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, _)| n.as_str().to_owned())
-            .collect();
+        let configured = self.configured_names();
         self.loaded().difference(&configured).cloned().collect()
     }
 }
