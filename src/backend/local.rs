@@ -3,10 +3,14 @@
 //! appear, as the hypervisor and udev would. Attaching to another VM only
 //! records the attachment.
 //!
-//! State lives next to each image (`<id>.attachment`, written atomically),
-//! so it survives a daemon crash exactly like a cloud's would. Every call
-//! that changes something is appended to `<data dir>/backend-calls.log`,
-//! which tests read to prove that no side effect happened twice.
+//! State lives next to each image (`<id>.attachment`, replaced atomically),
+//! so it survives a daemon crash exactly like a cloud's would. The same file
+//! keeps the history of the volume's attach and detach calls, written in
+//! the same rename as the state they produced: a crash can never leave a
+//! change without its history line or the reverse, so tests can read it to
+//! prove that no side effect happened twice. The device link is made before
+//! an attach is recorded and removed before a detach is, so a crash in
+//! between is repaired by the redelivered request doing the change again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,9 +32,13 @@ pub struct LocalBackend {
     latency: Duration,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct AttachmentFile {
-    vm_id: Uuid,
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    /// The VM the volume is attached to, if any.
+    vm_id: Option<Uuid>,
+    /// Every change, `attach <volume> <vm>` / `detach <volume> <vm>`.
+    #[serde(default)]
+    history: Vec<String>,
 }
 
 impl LocalBackend {
@@ -55,8 +63,21 @@ impl LocalBackend {
         Self::volumes_dir(data_dir).join(format!("{id}.attachment"))
     }
 
-    pub fn call_log_path(data_dir: &Path) -> PathBuf {
-        data_dir.join("backend-calls.log")
+    /// The history of every volume's changes, volume by volume.
+    pub fn call_history(data_dir: &Path) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(Self::volumes_dir(data_dir)) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "attachment"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .filter_map(|p| read_state(p).ok())
+            .flat_map(|s| s.history)
+            .collect()
     }
 
     /// Creates a sparse volume of `size` bytes and returns its id.
@@ -78,10 +99,12 @@ impl LocalBackend {
         if !img.exists() {
             anyhow::bail!("volume {id} does not exist under {}", data_dir.display());
         }
-        if let Some(a) = read_attachment(&Self::attachment_path(data_dir, id))? {
-            anyhow::bail!("volume {id} is attached to VM {}: detach it first", a.vm_id);
+        if let Some(vm) = read_state(&Self::attachment_path(data_dir, id))?.vm_id {
+            anyhow::bail!("volume {id} is attached to VM {vm}: detach it first");
         }
         std::fs::remove_file(img)?;
+        // The history goes with the volume.
+        let _ = std::fs::remove_file(Self::attachment_path(data_dir, id));
         Ok(())
     }
 
@@ -89,13 +112,19 @@ impl LocalBackend {
         self.device_dir.join(by_id_name(volume))
     }
 
-    fn log_call(&self, what: &str, volume: Uuid, vm: Uuid) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(Self::call_log_path(&self.data_dir))?;
-        // One write per line: O_APPEND keeps concurrent lines whole.
-        f.write_all(format!("{what} {volume} {vm}\n").as_bytes())
+    /// Records the new state with its history line, in one rename.
+    fn record(
+        &self,
+        volume: Uuid,
+        mut state: StateFile,
+        what: &str,
+        vm: Uuid,
+    ) -> Result<(), BackendError> {
+        state.vm_id = (what == "attach").then_some(vm);
+        state.history.push(format!("{what} {volume} {vm}"));
+        let body =
+            serde_json::to_vec(&state).map_err(|e| BackendError::Permanent(e.to_string()))?;
+        write_atomic(&Self::attachment_path(&self.data_dir, volume), &body).map_err(io)
     }
 
     async fn pause(&self) {
@@ -113,12 +142,11 @@ impl LocalBackend {
     }
 }
 
-fn read_attachment(p: &Path) -> std::io::Result<Option<AttachmentFile>> {
+fn read_state(p: &Path) -> std::io::Result<StateFile> {
     match std::fs::read(p) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
         Err(e) => Err(e),
     }
 }
@@ -142,10 +170,10 @@ fn io(e: std::io::Error) -> BackendError {
 impl Backend for LocalBackend {
     async fn volume(&self, id: Uuid) -> Result<VolumeState, BackendError> {
         self.ensure_exists(id)?;
-        let a = read_attachment(&Self::attachment_path(&self.data_dir, id)).map_err(io)?;
+        let state = read_state(&Self::attachment_path(&self.data_dir, id)).map_err(io)?;
         Ok(VolumeState {
             id,
-            attached_to: a.map(|a| a.vm_id),
+            attached_to: state.vm_id,
             device_id: None,
         })
     }
@@ -185,8 +213,8 @@ impl Backend for LocalBackend {
             else {
                 continue;
             };
-            if let Some(a) = read_attachment(&e.path()).map_err(io)? {
-                if a.vm_id == vm {
+            if let Some(on) = read_state(&e.path()).map_err(io)?.vm_id {
+                if on == vm {
                     out.push(VolumeState {
                         id,
                         attached_to: Some(vm),
@@ -209,19 +237,16 @@ impl LocalBackend {
     async fn attach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError> {
         self.pause().await;
         self.ensure_exists(volume)?;
-        let record = Self::attachment_path(&self.data_dir, volume);
-        if let Some(a) = read_attachment(&record).map_err(io)? {
+        let state = read_state(&Self::attachment_path(&self.data_dir, volume)).map_err(io)?;
+        if let Some(on) = state.vm_id {
             return Err(BackendError::Permanent(format!(
-                "volume {volume} is already attached to VM {}",
-                a.vm_id
+                "volume {volume} is already attached to VM {on}"
             )));
         }
-        let body = serde_json::to_vec(&AttachmentFile { vm_id: vm })
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
-        write_atomic(&record, &body).map_err(io)?;
         if vm == self.appliance_vm {
-            // The link is made under a temporary name and renamed, so a
-            // reader never sees a half-made link.
+            // The link first, under a temporary name and renamed so a
+            // reader never sees a half-made link; the attach counts once
+            // it is recorded.
             std::fs::create_dir_all(&self.device_dir).map_err(io)?;
             let target =
                 std::fs::canonicalize(Self::image_path(&self.data_dir, volume)).map_err(io)?;
@@ -231,19 +256,18 @@ impl LocalBackend {
             std::os::unix::fs::symlink(&target, &tmp).map_err(io)?;
             std::fs::rename(&tmp, &link).map_err(io)?;
         }
-        self.log_call("attach", volume, vm).map_err(io)
+        self.record(volume, state, "attach", vm)
     }
 
     async fn detach(&self, volume: Uuid, vm: Uuid) -> Result<(), BackendError> {
         self.pause().await;
         self.ensure_exists(volume)?;
-        let record = Self::attachment_path(&self.data_dir, volume);
-        match read_attachment(&record).map_err(io)? {
-            Some(a) if a.vm_id == vm => {}
-            Some(a) => {
+        let state = read_state(&Self::attachment_path(&self.data_dir, volume)).map_err(io)?;
+        match state.vm_id {
+            Some(on) if on == vm => {}
+            Some(on) => {
                 return Err(BackendError::Permanent(format!(
-                    "volume {volume} is attached to VM {}, not {vm}",
-                    a.vm_id
+                    "volume {volume} is attached to VM {on}, not {vm}"
                 )))
             }
             None => {
@@ -252,13 +276,13 @@ impl LocalBackend {
                 )))
             }
         }
+        // The device goes first; the detach counts once it is recorded.
         match std::fs::remove_file(self.link_path(volume)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
-        std::fs::remove_file(&record).map_err(io)?;
-        self.log_call("detach", volume, vm).map_err(io)
+        self.record(volume, state, "detach", vm)
     }
 }
 
@@ -334,13 +358,17 @@ mod tests {
         b.attach(vol, other).await.expect("failover attach");
         assert!(!link.exists(), "no local device for another VM");
         b.detach(vol, other).await.expect("detach");
+        let history = LocalBackend::call_history(&data);
+        assert_eq!(history.len(), 4, "{history:?}");
         LocalBackend::delete_volume(&data, vol).expect("delete");
         assert!(matches!(
             b.volume(vol).await,
             Err(BackendError::NotFound(_))
         ));
 
-        let log = std::fs::read_to_string(LocalBackend::call_log_path(&data)).expect("log");
-        assert_eq!(log.lines().count(), 4, "{log}");
+        assert!(
+            LocalBackend::call_history(&data).is_empty(),
+            "history goes with the volume"
+        );
     }
 }

@@ -294,13 +294,9 @@ impl Env {
         q.message_count()
     }
 
+    /// Every attach and detach the local backend did, volume by volume.
     pub fn call_log(&self, host: &str) -> Vec<String> {
-        let p = volumed::backend::local::LocalBackend::call_log_path(&self.data_dir(host));
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        volumed::backend::local::LocalBackend::call_history(&self.data_dir(host))
     }
 
     /// Polls a SQL count until it reaches `want`.
