@@ -213,9 +213,11 @@ async fn detach_withdraws_the_export(engine: &str) {
                     .unwrap_or(true)
             }
         };
-        while listed(&env, name.clone()).await || auth.exists() {
+        // Each look is itself a client for a moment (nbd-server forks per
+        // connection), so look rarely: the restart waits for a quiet tick.
+        while auth.exists() || listed(&env, name.clone()).await {
             assert!(start.elapsed() < WAIT, "stale section never dropped");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
