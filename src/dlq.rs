@@ -69,6 +69,11 @@ async fn ingest_once(
     )
     .await?;
     let ch = conn.create_channel().await?;
+    // Declared here too (idempotent): at start-up the ingester may connect
+    // before the request consumer has declared the topology.
+    topology::Topology::for_host(&config.host_id, config.delivery_limit, &config.retry_delays)
+        .declare(&ch)
+        .await?;
     ch.basic_qos(32, BasicQosOptions::default()).await?;
     let queue = topology::dead_queue(&config.host_id);
     let mut deliveries = ch

@@ -1,5 +1,6 @@
 //! The command line: one file per command.
 
+mod bench;
 mod config_check;
 mod dlq;
 mod events;
@@ -59,6 +60,9 @@ pub enum Command {
     /// Compare records with the backend, devices and NBD exports; repair
     /// with --apply.
     Reconcile(reconcile::ReconcileArgs),
+    /// Measure the daemon against the bare pipeline on the same broker and
+    /// database.
+    Bench(bench::BenchArgs),
     /// Broker topology as code.
     #[command(subcommand)]
     Topology(topology::TopologyCommand),
@@ -83,6 +87,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Exports(a) => exports::run(&cli, a).await,
         Command::Dlq(c) => dlq::run(&cli, c).await,
         Command::Reconcile(a) => reconcile::run(&cli, a).await,
+        Command::Bench(a) => bench::run(&cli, a).await,
         Command::Topology(c) => topology::run(&cli, c),
     }
 }
@@ -137,6 +142,16 @@ mod tests {
             ],
             vec!["volumed", "dlq", "show", "7"],
             vec!["volumed", "reconcile", "--apply", "--json"],
+            vec![
+                "volumed",
+                "bench",
+                "--requests",
+                "500",
+                "--backend",
+                "emulator",
+                "--vms",
+                "20",
+            ],
             vec!["volumed", "dlq", "replay", "7", "8", "--dry-run"],
             vec![
                 "volumed", "dlq", "replay", "--all", "--host", "oma-1", "--rate", "5", "--yes",

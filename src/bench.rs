@@ -1,0 +1,550 @@
+//! `volumed bench`: the daemon under a burst of requests, measured against
+//! the floor of the same pipeline on the same broker and database.
+//!
+//! The daemon runs as a child process on a host id of its own
+//! (`bench-<id>`), with its own data, device and NBD directories, so the
+//! benchmark can run beside a production daemon on the same broker and
+//! database; what it created is removed at the end. The floor is the bare
+//! pipeline every request must pass: consume, one commit, one confirmed
+//! publish, ack. Absolute times on shared machines are noisy; the ratios to
+//! the floor, measured in the same run, are the yardstick.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::client::{Client, Outgoing};
+use crate::config::Config;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub requests: usize,
+    pub volumes: usize,
+    /// VMs the volumes are attached to; the first is the appliance.
+    pub vms: usize,
+    /// `local` or `emulator`.
+    pub backend: String,
+    pub latency: Duration,
+    pub engine: String,
+    pub workers: usize,
+    pub floor: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Figures {
+    pub requests: usize,
+    pub seconds: f64,
+    pub throughput_per_s: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub daemon: Figures,
+    pub floor: Option<Figures>,
+    /// daemon throughput / floor throughput.
+    pub throughput_ratio: Option<f64>,
+    /// daemon p99 / floor p99.
+    pub p99_ratio: Option<f64>,
+    pub failed_events: usize,
+    pub nbd_engine: String,
+    pub nbd_reloads: i64,
+    pub nbd_restarts: i64,
+    pub export_changes: i64,
+    pub reloads_per_export_change: f64,
+    pub db_commits_per_operation: f64,
+    pub daemon_idle_rss_mib: f64,
+    pub daemon_peak_rss_mib: f64,
+    /// Publish time and event time of each request, for plots.
+    #[serde(skip)]
+    pub samples: Vec<(Duration, Duration)>,
+}
+
+impl Report {
+    pub fn render(&self) -> String {
+        let row = |name: &str, f: &Figures| {
+            format!(
+                "| {name:<7} | {:>8} | {:>7.2} | {:>8.1} | {:>7.1} | {:>7.1} | {:>7.1} | {:>7.1} |\n",
+                f.requests, f.seconds, f.throughput_per_s, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+            )
+        };
+        let mut out = String::from(
+            "|         | requests | seconds | req/s    | p50 ms  | p90 ms  | p99 ms  | max ms  |\n\
+             |---------|----------|---------|----------|---------|---------|---------|---------|\n",
+        );
+        out.push_str(&row("daemon", &self.daemon));
+        if let Some(f) = &self.floor {
+            out.push_str(&row("floor", f));
+        }
+        let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "\nthroughput / floor: {}   p99 / floor: {}\n\
+             failed events: {}\n\
+             {} reloads, {} restarts for {} export changes ({:.3} reloads per change)\n\
+             database commits per operation: {:.2}\n\
+             daemon RSS: idle {:.1} MiB, peak {:.1} MiB\n",
+            ratio(self.throughput_ratio),
+            ratio(self.p99_ratio),
+            self.failed_events,
+            self.nbd_reloads,
+            self.nbd_restarts,
+            self.export_changes,
+            self.reloads_per_export_change,
+            self.db_commits_per_operation,
+            self.daemon_idle_rss_mib,
+            self.daemon_peak_rss_mib
+        ));
+        out
+    }
+}
+
+fn figures(mut lat: Vec<Duration>, seconds: f64) -> Figures {
+    lat.sort();
+    let pick = |q: f64| {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+        lat[i].as_secs_f64() * 1000.0
+    };
+    Figures {
+        requests: lat.len(),
+        seconds,
+        throughput_per_s: if seconds > 0.0 {
+            lat.len() as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_ms: pick(0.5),
+        p90_ms: pick(0.9),
+        p99_ms: pick(0.99),
+        max_ms: pick(1.0),
+    }
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+fn rss(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn commits(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Runs the plan.
+pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
+    if plan.volumes == 0 || plan.vms == 0 || plan.requests == 0 {
+        bail!("requests, volumes and VMs must be at least 1");
+    }
+    let pool = crate::db::connect(&config.database_url, 4).await?;
+    crate::db::migrate(&pool).await?;
+    let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let host = format!("bench-{id}");
+    let dir = std::env::temp_dir().join(format!("volumed-bench-{id}"));
+    let (data, devices) = (dir.join("data"), dir.join("by-id"));
+    std::fs::create_dir_all(&devices)?;
+    let appliance = Uuid::new_v4();
+    let vms: Vec<Uuid> = std::iter::once(appliance)
+        .chain((1..plan.vms).map(|_| Uuid::new_v4()))
+        .collect();
+
+    let mut env: Vec<(String, String)> = vec![
+        ("VOLUMED_HOST_ID".into(), host.clone()),
+        ("VOLUMED_AMQP_URL".into(), config.amqp_url.expose().into()),
+        (
+            "VOLUMED_DATABASE_URL".into(),
+            config.database_url.expose().into(),
+        ),
+        ("VOLUMED_DATA_DIR".into(), data.display().to_string()),
+        ("VOLUMED_DEVICE_DIR".into(), devices.display().to_string()),
+        ("VOLUMED_APPLIANCE_VM_ID".into(), appliance.to_string()),
+        ("VOLUMED_WORKERS".into(), plan.workers.to_string()),
+        ("VOLUMED_NBD_ENGINE".into(), plan.engine.clone()),
+        ("VOLUMED_NBD_PORT".into(), free_port()?.to_string()),
+        (
+            "VOLUMED_HTTP_LISTEN".into(),
+            format!("127.0.0.1:{}", free_port()?),
+        ),
+        ("VOLUMED_RECONCILE_INTERVAL_SECS".into(), "0".into()),
+        ("VOLUMED_RECONCILE_APPLY".into(), "false".into()),
+        ("VOLUMED_LOG".into(), "warn".into()),
+    ];
+    let mut volumes = Vec::with_capacity(plan.volumes);
+    let _emulator = match plan.backend.as_str() {
+        "local" => {
+            env.push(("VOLUMED_BACKEND".into(), "local".into()));
+            env.push((
+                "VOLUMED_LOCAL_LATENCY_MS".into(),
+                plan.latency.as_millis().to_string(),
+            ));
+            for _ in 0..plan.volumes {
+                volumes.push(crate::backend::local::LocalBackend::create_volume(
+                    &data,
+                    1 << 20,
+                )?);
+            }
+            None
+        }
+        "emulator" => {
+            let secret = Uuid::new_v4().simple().to_string();
+            let cfg = crate::cloudstack::emulator::EmulatorConfig {
+                api_key: "bench".into(),
+                secret_key: secret.clone(),
+                appliance_vm: appliance,
+                device_dir: devices.clone(),
+                data_dir: dir.join("cloud"),
+                job_latency: plan.latency,
+            };
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            let (emu, _addr, task) = crate::cloudstack::emulator::Emulator::spawn(cfg).await?;
+            for (i, vm) in vms.iter().enumerate().skip(1) {
+                emu.create_vm(*vm, &format!("bench-vm-{i}"));
+            }
+            for _ in 0..plan.volumes {
+                volumes.push(emu.create_volume(1 << 20)?);
+            }
+            env.push(("VOLUMED_BACKEND".into(), "cloudstack".into()));
+            env.push(("VOLUMED_CLOUDSTACK_URL".into(), emu.url()));
+            env.push(("VOLUMED_CLOUDSTACK_API_KEY".into(), "bench".into()));
+            env.push(("VOLUMED_CLOUDSTACK_SECRET_KEY".into(), secret));
+            Some((emu, task))
+        }
+        other => bail!("unknown bench backend {other:?}: use local or emulator"),
+    };
+
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("run")
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the daemon")?;
+    let pid = child.id().context("daemon pid")?;
+    let http = env
+        .iter()
+        .find(|(k, _)| k == "VOLUMED_HTTP_LISTEN")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let started = Instant::now();
+    loop {
+        let ready = reqwest::get(format!("http://{http}/readyz"))
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the daemon did not become ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (idle_rss, _) = rss(pid);
+
+    // The burst.
+    let client = Client::connect(&config.amqp_url).await?;
+    let mut sub = client.subscribe("#").await?;
+    let mut requests = Vec::with_capacity(plan.requests);
+    for i in 0..plan.requests {
+        let v = i % plan.volumes;
+        let vm = vms[v % vms.len()];
+        let r = if (i / plan.volumes).is_multiple_of(2) {
+            Outgoing::attach(&host, volumes[v], vm, true)
+        } else {
+            Outgoing::detach(&host, volumes[v], None)
+        };
+        requests.push(r);
+    }
+    let commits_before = commits(&pool).await?;
+    let t0 = Instant::now();
+    let mut published: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
+    for r in &requests {
+        published.insert(r.request_id, t0.elapsed());
+        client.publish(r).await?;
+    }
+    let mut done: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
+    let mut failed = 0;
+    let deadline = Duration::from_secs(600);
+    while done.len() < plan.requests && t0.elapsed() < deadline {
+        let Some(e) = sub.next(Duration::from_secs(30)).await? else {
+            break;
+        };
+        if published.contains_key(&e.request_id) && !done.contains_key(&e.request_id) {
+            done.insert(e.request_id, t0.elapsed());
+            if !e.event_type.succeeded() {
+                failed += 1;
+            }
+        }
+    }
+    let seconds = done
+        .values()
+        .max()
+        .copied()
+        .unwrap_or_default()
+        .as_secs_f64();
+    let commits_after = commits(&pool).await?;
+    let (_, peak_rss) = rss(pid);
+    let latencies: Vec<Duration> = done
+        .iter()
+        .map(|(id, at)| at.saturating_sub(published[id]))
+        .collect();
+    let mut samples: Vec<(Duration, Duration)> =
+        done.iter().map(|(id, at)| (published[id], *at)).collect();
+    samples.sort();
+    let daemon = figures(latencies, seconds);
+    let (reloads, restarts, changes): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(reloads), 0)::bigint, COALESCE(sum(restarts), 0)::bigint,
+                COALESCE(sum(changes), 0)::bigint FROM nbd_stats WHERE host = $1",
+    )
+    .bind(&host)
+    .fetch_one(&pool)
+    .await?;
+
+    // Stop and clean up the daemon's traces.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    client.close().await;
+    cleanup(config, &pool, &host).await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let floor = if plan.floor {
+        Some(floor(config, &pool, plan).await?)
+    } else {
+        None
+    };
+    pool.close().await;
+    let ops = plan.requests.max(1) as f64;
+    Ok(Report {
+        throughput_ratio: floor
+            .as_ref()
+            .map(|f| daemon.throughput_per_s / f.throughput_per_s),
+        p99_ratio: floor.as_ref().map(|f| daemon.p99_ms / f.p99_ms.max(0.001)),
+        daemon,
+        floor,
+        failed_events: failed + (plan.requests - done.len()),
+        nbd_engine: plan.engine.clone(),
+        nbd_reloads: reloads,
+        nbd_restarts: restarts,
+        export_changes: changes,
+        reloads_per_export_change: if changes > 0 {
+            reloads as f64 / changes as f64
+        } else {
+            0.0
+        },
+        db_commits_per_operation: (commits_after - commits_before) as f64 / ops,
+        daemon_idle_rss_mib: idle_rss,
+        daemon_peak_rss_mib: peak_rss,
+        samples,
+    })
+}
+
+/// Removes the bench host's rows and queues.
+async fn cleanup(config: &Config, pool: &PgPool, host: &str) {
+    for sql in [
+        "DELETE FROM nbd_exports WHERE host = $1",
+        "DELETE FROM volume_attachments WHERE host = $1",
+        "DELETE FROM outbox WHERE host = $1",
+        "DELETE FROM operations WHERE host = $1",
+        "DELETE FROM dead_letters WHERE host = $1",
+        "DELETE FROM nbd_stats WHERE host = $1",
+    ] {
+        let _ = sqlx::query(sql).bind(host).execute(pool).await;
+    }
+    if let Ok(conn) = crate::amqp::connect(&config.amqp_url, "volumed-bench").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let topo = crate::topology::Topology::for_host(
+                host,
+                config.delivery_limit,
+                &config.retry_delays,
+            );
+            for q in topo.queues {
+                let _ = ch
+                    .queue_delete(&q.name, QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "bench done").await;
+    }
+}
+
+/// The floor: the same number of messages through consume → one commit →
+/// one confirmed publish → ack, with the daemon's worker count and prefetch.
+async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS volumed_bench_floor (id uuid PRIMARY KEY, body jsonb NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let id = Uuid::new_v4().simple().to_string();
+    let (inq, outq) = (
+        format!("volumed.bench.in.{id}"),
+        format!("volumed.bench.out.{id}"),
+    );
+    let conn = crate::amqp::connect(&config.amqp_url, "volumed-bench-floor").await?;
+    let ch = conn.create_channel().await?;
+    let declare = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(&inq, declare, FieldTable::default())
+        .await?;
+    ch.queue_declare(&outq, declare, FieldTable::default())
+        .await?;
+    let prefetch = (plan.workers * 2) as u16;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let out_ch = conn.create_channel().await?;
+    out_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let out_ch = Arc::new(out_ch);
+    let permits = Arc::new(Semaphore::new(plan.workers));
+    let mut consumer = ch
+        .basic_consume(
+            &inq,
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let pool2 = pool.clone();
+    let worker = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let permit = Arc::clone(&permits).acquire_owned().await;
+            let (pool, out_ch) = (pool2.clone(), Arc::clone(&out_ch));
+            tokio::spawn(async move {
+                let _permit = permit;
+                let key = Uuid::new_v4();
+                let committed = async {
+                    let mut tx = pool.begin().await?;
+                    sqlx::query("INSERT INTO volumed_bench_floor (id, body) VALUES ($1, $2)")
+                        .bind(key)
+                        .bind(serde_json::json!({"n": d.data.len()}))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await
+                };
+                if committed.await.is_err() {
+                    return;
+                }
+                let props = d.properties.clone().with_delivery_mode(2);
+                let confirmed = out_ch
+                    .basic_publish(
+                        "",
+                        d.routing_key.as_str().replace(".in.", ".out.").as_str(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        props,
+                    )
+                    .await;
+                if let Ok(c) = confirmed {
+                    let _ = c.await;
+                }
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+    let pub_ch = conn.create_channel().await?;
+    pub_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let recv_ch = conn.create_channel().await?;
+    let mut out = recv_ch
+        .basic_consume(
+            &outq,
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let body =
+        serde_json::to_vec(&serde_json::json!({"op": "attach", "volume_id": Uuid::new_v4()}))?;
+    let t0 = Instant::now();
+    let published: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
+    for _ in 0..plan.requests {
+        let mid = Uuid::new_v4().to_string();
+        published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mid.clone(), t0.elapsed());
+        pub_ch
+            .basic_publish(
+                "",
+                &inq,
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_message_id(mid.into())
+                    .with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+    }
+    let mut lat = Vec::with_capacity(plan.requests);
+    let mut last = Duration::ZERO;
+    while lat.len() < plan.requests {
+        let next = tokio::time::timeout(Duration::from_secs(60), out.next()).await;
+        let Ok(Some(Ok(d))) = next else { break };
+        let at = t0.elapsed();
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+        if let Some(mid) = d.properties.message_id() {
+            if let Some(p) = published
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(mid.as_str())
+            {
+                lat.push(at.saturating_sub(*p));
+                last = at;
+            }
+        }
+    }
+    worker.abort();
+    let _ = ch.queue_delete(&inq, QueueDeleteOptions::default()).await;
+    let _ = ch.queue_delete(&outq, QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "floor done").await;
+    sqlx::query("DROP TABLE IF EXISTS volumed_bench_floor")
+        .execute(pool)
+        .await?;
+    Ok(figures(lat, last.as_secs_f64()))
+}

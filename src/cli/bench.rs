@@ -1,0 +1,65 @@
+//! `volumed bench`: see `crate::bench`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::Cli;
+use crate::bench::{self, Plan};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Requests to publish at once.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Volumes they are spread over (attach, detach, attach, … per volume).
+    #[arg(long, default_value_t = 200)]
+    pub volumes: usize,
+    /// VMs the volumes are attached to; the first is the appliance.
+    #[arg(long, default_value_t = 1)]
+    pub vms: usize,
+    /// `local` or `emulator` (the CloudStack API emulator).
+    #[arg(long, default_value = "local")]
+    pub backend: String,
+    /// Backend latency per change (local) or job latency (emulator), ms.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// `nbdkit` or `nbd-server`.
+    #[arg(long, default_value = "nbdkit")]
+    pub engine: String,
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Skip the floor measurement.
+    #[arg(long)]
+    pub no_floor: bool,
+    /// The report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
+    let config = cli.load_config()?;
+    let plan = Plan {
+        requests: a.requests,
+        volumes: a.volumes,
+        vms: a.vms,
+        backend: a.backend.clone(),
+        latency: Duration::from_millis(a.latency_ms),
+        engine: a.engine.clone(),
+        workers: a.workers,
+        floor: !a.no_floor,
+    };
+    let report = bench::run(&config, &plan).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.failed_events == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
