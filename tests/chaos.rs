@@ -7,9 +7,12 @@
 //! `VOLUMED_CHAOS_SCALE=10 cargo test --test chaos -- --nocapture`
 //! (scale multiplies volumes, requests and kills).
 //!
-//! The broker "restart" closes every connection of the test's vhost and the
-//! database "restart" cuts a proxy in front of PostgreSQL: the shared
-//! servers keep serving the other tests that run alongside.
+//! By default the broker "restart" closes every connection of the test's
+//! vhost and the database "restart" cuts a proxy in front of PostgreSQL:
+//! the shared servers keep serving the other tests that run alongside. Run
+//! alone, `VOLUMED_CHAOS_REAL_RESTARTS=1` restarts the real RabbitMQ
+//! (`rabbitmqctl stop_app` / `start_app`) and PostgreSQL (`pg_ctlcluster
+//! restart`) instead; never set it while other tests run.
 
 mod common;
 
@@ -126,7 +129,14 @@ async fn chaos_keeps_every_invariant() {
         if finished(&env).await > before {
             f.first_completion_after_restart.push(restarted.elapsed());
         }
+        let real = std::env::var("VOLUMED_CHAOS_REAL_RESTARTS").is_ok_and(|v| v == "1");
         match k % 3 {
+            0 if real => {
+                common::rabbitmqctl(&["stop_app"]);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                common::rabbitmqctl(&["start_app"]);
+                f.broker_drops += 1;
+            }
             0 => {
                 common::rabbitmqctl(&[
                     "close_all_connections",
@@ -135,6 +145,19 @@ async fn chaos_keeps_every_invariant() {
                     "chaos: broker restart",
                 ]);
                 f.broker_drops += 1;
+            }
+            1 if real => {
+                let version = std::fs::read_dir("/etc/postgresql")
+                    .expect("a PostgreSQL cluster")
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .max()
+                    .expect("a PostgreSQL version");
+                let ok = std::process::Command::new("pg_ctlcluster")
+                    .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+                    .status()
+                    .expect("pg_ctlcluster");
+                assert!(ok.success(), "PostgreSQL restart failed");
+                f.database_cuts += 1;
             }
             1 => {
                 proxy.cut();
