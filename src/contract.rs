@@ -150,6 +150,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::DeviceTimeout
+                | ErrorCode::Abandoned
                 | ErrorCode::BackendUnavailable
                 | ErrorCode::ExportFailed
                 | ErrorCode::ExportBusy

@@ -107,11 +107,14 @@ pub async fn start_operation(
 
 /// Records the step an operation reached (for operators and for resuming).
 pub async fn record_step(pool: &PgPool, request_id: Uuid, step: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE operations SET step = $2, updated_at = now() WHERE request_id = $1")
-        .bind(request_id)
-        .bind(step)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE operations SET step = $2, updated_at = now()
+          WHERE request_id = $1 AND state = 'running'",
+    )
+    .bind(request_id)
+    .bind(step)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -144,7 +147,7 @@ pub async fn record_cloud_job(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE operations SET cloud_job_id = $2, step = 'backend_job_started', updated_at = now()
-          WHERE request_id = $1",
+          WHERE request_id = $1 AND state = 'running'",
     )
     .bind(request_id)
     .bind(job)

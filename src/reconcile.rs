@@ -341,7 +341,12 @@ impl Reconciler {
             if snap.exports.contains_key(name) || snap.recorded_anywhere.contains(name) {
                 continue;
             }
-            let vol = ExportName::parse(name).ok().and_then(|n| n.volume());
+            // Only exports named like volumed's (`vol-<uuid>`) are its
+            // business; an operator's own sections are left alone.
+            let Some(vol) = ExportName::parse(name).ok().and_then(|n| n.volume()) else {
+                continue;
+            };
+            let vol = Some(vol);
             let repair = match vol {
                 Some(v) if busy.contains(&v) => {
                     "skipped: an operation on the volume is in progress".into()

@@ -235,7 +235,9 @@ impl Client {
         let Some(list) = r.get("volume").and_then(Value::as_array) else {
             return Ok(Vec::new());
         };
+        // The VM's root disk is the VM's own, never one volumed attached.
         list.iter()
+            .filter(|v| v.get("type").and_then(Value::as_str) != Some("ROOT"))
             .map(parse_volume)
             .filter(|v| v.as_ref().map(|v| v.vm == Some(vm)).unwrap_or(true))
             .collect()
