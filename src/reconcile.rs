@@ -198,14 +198,13 @@ impl Reconciler {
         })
     }
 
-    /// Volumes with an operation running, or finished since `since`.
+    /// Volumes with an operation running, or finished since `since`, on
+    /// any host (volume ids are global, and daemons may share a server).
     async fn busy(&self, since: DateTime<Utc>) -> Result<BTreeSet<Uuid>> {
         let v: Vec<Uuid> = sqlx::query_scalar(
             "SELECT volume_id FROM operations
-              WHERE host = $1 AND volume_id IS NOT NULL
-                AND (state = 'running' OR updated_at >= $2)",
+              WHERE volume_id IS NOT NULL AND (state = 'running' OR updated_at >= $1)",
         )
-        .bind(&self.host)
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
@@ -639,6 +638,15 @@ impl Reconciler {
         if let Some(v) = vol {
             if crate::db::volume_busy(&self.pool, v).await.unwrap_or(true) {
                 return "skipped: an operation on the volume started meanwhile".into();
+            }
+            // Or finished meanwhile, recording the export after all.
+            let recorded: Result<i64, _> =
+                sqlx::query_scalar("SELECT count(*) FROM nbd_exports WHERE export_name = $1")
+                    .bind(name.as_str())
+                    .fetch_one(&self.pool)
+                    .await;
+            if recorded.map(|n| n > 0).unwrap_or(true) {
+                return "skipped: recorded meanwhile".into();
             }
         }
         if let Err(e) = self.engine.withdraw(&name) {
