@@ -20,6 +20,8 @@ fn engine_env(engine: &str) -> Vec<(&'static str, String)> {
         ("VOLUMED_NBD_ENGINE", engine.to_string()),
         ("VOLUMED_NBD_DRAIN_TIMEOUT_SECS", "1".to_string()),
         ("VOLUMED_NBD_BATCH_WINDOW_MS", "50".to_string()),
+        // Quick retries: a server killed on purpose fails a few checks.
+        ("VOLUMED_RETRY_DELAYS", "200ms,500ms,1s".to_string()),
     ]
 }
 

@@ -164,6 +164,9 @@ impl Env {
             ("VOLUMED_DEVICE_TIMEOUT_SECS", "10".into()),
             ("VOLUMED_OUTBOX_POLL_MS", "200".into()),
             ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", "20".into()),
+            // Retries within a test's patience; tests that study retries
+            // set their own.
+            ("VOLUMED_RETRY_DELAYS", "200ms,500ms,1s,2s".into()),
             (
                 "VOLUMED_LOG",
                 "info,volumed=debug,lapin=warn,sqlx=warn".into(),
