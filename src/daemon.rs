@@ -20,7 +20,7 @@ use crate::health::Health;
 use crate::nbd::manager::Exports;
 use crate::reconcile::Reconciler;
 use crate::relay::Relay;
-use crate::worker::{RetryPolicy, VmLocks, Worker};
+use crate::worker::{RetryPolicy, Steps, VmLocks, Worker};
 
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -91,6 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exports,
         gate,
         vm_locks: VmLocks::default(),
+        steps: Steps::start(pool.clone()),
         retry: RetryPolicy {
             attempts: config.retry_attempts,
             delays: config.retry_delays.clone(),

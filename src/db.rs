@@ -105,14 +105,15 @@ pub async fn start_operation(
     }
 }
 
-/// Records the step an operation reached (for operators and for resuming).
-pub async fn record_step(pool: &PgPool, request_id: Uuid, step: &str) -> Result<(), sqlx::Error> {
+/// Records the steps several running operations reached, in one statement.
+pub async fn record_steps(pool: &PgPool, ids: &[Uuid], steps: &[&str]) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE operations SET step = $2, updated_at = now()
-          WHERE request_id = $1 AND state = 'running'",
+        "UPDATE operations o SET step = v.step, updated_at = now()
+           FROM (SELECT unnest($1::uuid[]) AS id, unnest($2::text[]) AS step) v
+          WHERE o.request_id = v.id AND o.state = 'running'",
     )
-    .bind(request_id)
-    .bind(step)
+    .bind(ids)
+    .bind(steps)
     .execute(pool)
     .await?;
     Ok(())

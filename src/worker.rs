@@ -133,6 +133,45 @@ pub struct Worker {
     pub gate: Arc<Gate>,
     pub vm_locks: VmLocks,
     pub retry: RetryPolicy,
+    pub steps: Steps,
+}
+
+/// The step each operation reached, written in batches: one statement for
+/// every step recorded in a 20 ms window, instead of a commit per step. The
+/// steps are for operators and post-mortems; a redelivered request
+/// re-verifies the world rather than trusting them, so the last few may be
+/// lost in a crash. A step arriving after its operation finished is
+/// ignored.
+pub struct Steps {
+    tx: tokio::sync::mpsc::UnboundedSender<(Uuid, &'static str)>,
+}
+
+impl Steps {
+    pub fn start(pool: PgPool) -> Steps {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Uuid, &'static str)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut latest: std::collections::HashMap<Uuid, &'static str> =
+                    std::collections::HashMap::new();
+                latest.insert(first.0, first.1);
+                while let Ok((id, step)) = rx.try_recv() {
+                    latest.insert(id, step);
+                }
+                let (ids, steps): (Vec<Uuid>, Vec<&str>) = latest.into_iter().unzip();
+                if let Err(e) = db::record_steps(&pool, &ids, &steps).await {
+                    warn!(count = ids.len(), cause = %e, "cannot record the steps reached");
+                }
+            }
+        });
+        Steps { tx }
+    }
+
+    pub fn record(&self, request_id: Uuid, step: &'static str) {
+        // The writer lives as long as the daemon; a send after it stopped
+        // has nothing left to inform.
+        let _ = self.tx.send((request_id, step));
+    }
 }
 
 /// One async lock per VM. CloudStack numbers a VM's disks itself, and two
@@ -628,10 +667,8 @@ impl Worker {
     /// Records a step; failing to record it is logged, not fatal: the step
     /// column is for operators and for resuming, and the next write of the
     /// row corrects it.
-    async fn step(&self, request_id: Uuid, step: &str) {
-        if let Err(e) = db::record_step(&self.pool, request_id, step).await {
-            warn!(step, cause = %e, "cannot record the step reached");
-        }
+    async fn step(&self, request_id: Uuid, step: &'static str) {
+        self.steps.record(request_id, step);
     }
 
     async fn commit(&self, req: &Request, attempts: i32, outcome: Outcome) -> Settle {

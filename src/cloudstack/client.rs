@@ -3,6 +3,7 @@
 //! to a deadline. Errors are classified for the worker: permanent, transient
 //! or a configuration problem (credentials).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -103,6 +104,8 @@ pub enum Job {
 pub struct Client {
     http: reqwest::Client,
     cfg: CloudStackConfig,
+    /// How long jobs have typically taken, in ms (0 until one finished).
+    typical_job_ms: AtomicU64,
 }
 
 impl Client {
@@ -116,6 +119,7 @@ impl Client {
         Ok(Client {
             http,
             cfg: cfg.clone(),
+            typical_job_ms: AtomicU64::new(0),
         })
     }
 
@@ -309,16 +313,26 @@ impl Client {
         }
     }
 
-    /// Polls a job until it finishes or the job timeout passes. Polling
-    /// starts at 250 ms and backs off to 5 s; a transient error while
-    /// polling is retried until the deadline (the job keeps running either
-    /// way).
+    /// Polls a job until it finishes or the job timeout passes; a
+    /// transient error while polling is retried until the deadline (the job
+    /// keeps running either way).
     pub async fn wait(&self, job: &str) -> Result<Value, CsError> {
-        let deadline = Instant::now() + self.cfg.job_timeout;
-        let mut delay = Duration::from_millis(250);
+        let started = Instant::now();
+        let deadline = started + self.cfg.job_timeout;
+        // The first look comes shortly before jobs have typically taken,
+        // then looks come 100 ms apart, growing by half each time up to 5 s:
+        // a finished job is noticed within a poll or two without polling
+        // CloudStack all the time.
+        let typical = Duration::from_millis(self.typical_job_ms.load(Ordering::Relaxed));
+        let mut delay = typical.mul_f64(0.9).max(Duration::from_millis(250));
         loop {
+            let now = Instant::now();
+            tokio::time::sleep(delay.min(deadline.saturating_duration_since(now))).await;
             match self.job(job).await {
-                Ok(Job::Succeeded(v)) => return Ok(v),
+                Ok(Job::Succeeded(v)) => {
+                    self.learn(started.elapsed());
+                    return Ok(v);
+                }
                 Ok(Job::Failed { code, text }) => {
                     return Err(CsError::JobFailed {
                         job: job.to_owned(),
@@ -332,16 +346,31 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(CsError::JobTimeout {
                     job: job.to_owned(),
                     waited: self.cfg.job_timeout,
                 });
             }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            delay = if delay > Duration::from_millis(100) && started.elapsed() < typical {
+                Duration::from_millis(100)
+            } else {
+                delay
+                    .mul_f64(1.5)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5))
+            };
         }
+    }
+
+    /// Folds a finished job's duration into the typical one (a moving
+    /// average weighted 1/8 to the newest).
+    fn learn(&self, took: Duration) {
+        let took = took.as_millis().min(u128::from(u32::MAX)) as u64;
+        let _ = self
+            .typical_job_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 { took } else { (old * 7 + took) / 8 })
+            });
     }
 }
 
