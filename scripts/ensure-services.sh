@@ -8,7 +8,7 @@
 # update, no restarts, only read-only checks. Prints one line per service.
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server postgresql nbdkit nbd-server libnbd-bin qemu-utils)
+PACKAGES=(rabbitmq-server postgresql nbdkit nbd-server libnbd-bin qemu-utils fonts-dejavu-core)
 # Everything is reached over loopback TCP, as the daemon and the tests do.
 HOST=127.0.0.1
 PG_PORT=5432

@@ -21,6 +21,7 @@ pub mod failpoint;
 pub mod gate;
 pub mod health;
 pub mod nbd;
+pub mod plot;
 pub mod reconcile;
 pub mod relay;
 pub mod telemetry;

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Draw the latency distribution and the throughput over time to this
+    /// PNG file.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
@@ -52,6 +56,10 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         floor: !a.no_floor,
     };
     let report = bench::run(&config, &plan).await?;
+    if let Some(file) = &a.plot {
+        crate::plot::draw(file, "volumed", &report.samples)?;
+        eprintln!("plot written to {}", file.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -1,0 +1,53 @@
+//! `volumed bench` end to end on a small burst: it runs, reports the
+//! daemon and the floor, and draws its plot.
+
+mod common;
+
+use common::Env;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
+    let env = Env::new("bench").await;
+    let plot = env.dir.path().join("bench.png");
+    let plot_s = plot.display().to_string();
+    let out = env.cli(
+        "oma-b",
+        &[
+            "bench",
+            "--requests",
+            "20",
+            "--volumes",
+            "10",
+            "--workers",
+            "4",
+            "--json",
+            "--plot",
+            &plot_s,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["daemon"]["requests"], 20);
+    assert_eq!(report["failed_events"], 0);
+    assert_eq!(report["floor"]["requests"], 20);
+    assert!(report["throughput_ratio"].as_f64().expect("ratio") > 0.0);
+    assert!(
+        report["daemon"]["p99_ms"].as_f64().expect("p99")
+            >= report["daemon"]["p50_ms"].as_f64().expect("p50")
+    );
+    assert!(report["daemon_peak_rss_mib"].as_f64().expect("rss") > 1.0);
+    assert_eq!(report["nbd_reloads"], 0, "nbdkit needs no reload");
+    let png = std::fs::read(&plot).expect("plot written");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // What the bench created is gone again: no rows of its host remain.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE host LIKE 'bench-%'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+}
