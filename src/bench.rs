@@ -204,7 +204,12 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         ),
         ("VOLUMED_RECONCILE_INTERVAL_SECS".into(), "0".into()),
         ("VOLUMED_RECONCILE_APPLY".into(), "false".into()),
-        ("VOLUMED_LOG".into(), "warn".into()),
+        // The daemon's log goes to the benchmark's stderr: quiet unless
+        // VOLUMED_BENCH_LOG asks for more.
+        (
+            "VOLUMED_LOG".into(),
+            std::env::var("VOLUMED_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
     ];
     let mut volumes = Vec::with_capacity(plan.volumes);
     let _emulator = match plan.backend.as_str() {

@@ -524,7 +524,7 @@ impl Config {
                 manage,
                 pidfile,
                 tls_psk,
-                batch_window: millis("VOLUMED_NBD_BATCH_WINDOW_MS", file.nbd_batch_window_ms, 50)?,
+                batch_window: millis("VOLUMED_NBD_BATCH_WINDOW_MS", file.nbd_batch_window_ms, 200)?,
                 check_timeout: secs(
                     "VOLUMED_NBD_CHECK_TIMEOUT_SECS",
                     file.nbd_check_timeout_secs,

@@ -35,6 +35,11 @@ use crate::health::Health;
 
 /// How often the manager looks at the server between batches.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// How long an idle server (no client connected) gets to exit on SIGTERM
+/// before SIGKILL. nbd-server acts on SIGTERM only when its accept loop
+/// wakes, which an idle server's does not; with nobody connected, the kill
+/// costs nothing.
+const IDLE_STOP: Duration = Duration::from_millis(300);
 /// Most changes applied in one batch.
 const MAX_BATCH: usize = 512;
 
@@ -314,19 +319,15 @@ impl Manager {
             exports = serving.len(),
             "NBD server serving"
         );
-        // One look at each recorded export, all at once: this is a report
-        // (a withdrawal may have been under way), and waiting out a check
-        // timeout per export would hold up every change behind it.
-        let me: &Manager = self;
-        let looks = rows
-            .iter()
-            .map(|row| async move { (row, me.probe(&row.export_name).await) });
-        for (row, look) in futures_util::future::join_all(looks).await {
-            let served =
-                matches!(&look, Ok(p) if p.listed && matches!(p.open, Open::Served { .. }));
-            if !served {
-                warn!(export = %row.export_name, volume.id = %row.volume_id, look = ?look,
-                      "recorded export is not served");
+        // One listing for all recorded exports: this is a report (a
+        // withdrawal may have been under way), and a probe per export would
+        // hold up every change behind it on a server with many exports.
+        // With TLS required the listing is empty; each export's own check
+        // happens when it is next changed.
+        for row in rows.iter().filter(|r| !serving.contains(&r.export_name)) {
+            if self.cfg.tls_psk.is_none() {
+                warn!(export = %row.export_name, volume.id = %row.volume_id,
+                      "recorded export is not listed by the NBD server");
             }
         }
         Ok(())
@@ -342,7 +343,7 @@ impl Manager {
         }
         if self.cfg.manage && process::children(pid).is_empty() {
             info!(host = %self.host, "adopted NBD server lacks configured exports; restarting it");
-            self.server.stop(Duration::from_secs(5)).await;
+            self.server.stop(IDLE_STOP).await;
             return self.start_server().await;
         }
         match self.engine.reload(pid) {
@@ -416,7 +417,7 @@ impl Manager {
             return;
         }
         info!(stale = ?stale, "restarting the idle NBD server to drop removed exports");
-        self.server.stop(Duration::from_secs(5)).await;
+        self.server.stop(IDLE_STOP).await;
         if let Err(e) = self.recover(false).await {
             error!(cause = %format!("{e:#}"), "NBD server restart failed; will retry");
         }
@@ -533,17 +534,23 @@ impl Manager {
         }
     }
 
-    /// Checks every change of a batch that has no outcome yet, concurrently,
-    /// so a batch waits one check timeout at most.
+    /// Checks every change of a batch that has no outcome yet, four at a
+    /// time.
     async fn check_all(
         &self,
         batch: &[Request],
         outcomes: &[Option<Result<(), ExportError>>],
     ) -> Vec<Option<Result<(), ExportError>>> {
+        // A few at a time: nbd-server negotiates each connection before it
+        // forks, so dozens of simultaneous probes queue up behind each
+        // other and time out.
+        let few = tokio::sync::Semaphore::new(4);
+        let few = &few;
         let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
             if o.is_some() {
                 return None;
             }
+            let _turn = few.acquire().await.ok();
             Some(match &r.change {
                 Change::Add(spec) => self.check_served(spec.name.as_str()).await.map_err(|why| {
                     ExportError::Failed(format!("export {} is not live: {why}", spec.name))
@@ -579,7 +586,7 @@ impl Manager {
             };
             if self.cfg.manage && process::children(pid).is_empty() {
                 info!(host = %self.host, changes, "no client connected: restarting nbd-server to add exports");
-                self.server.stop(Duration::from_secs(5)).await;
+                self.server.stop(IDLE_STOP).await;
                 if let Err(e) = self.recover_locked(false).await {
                     error!(cause = %format!("{e:#}"), "NBD server restart failed");
                 }
