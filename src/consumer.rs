@@ -31,6 +31,7 @@ use crate::db::{self, AttachmentChange, Finish, Outgoing};
 use crate::dispatcher::Dispatcher;
 use crate::failpoint;
 use crate::topology::{self, Topology};
+use crate::trace::{self, TraceParent};
 use crate::worker::{db_retry, Settle, Worker};
 
 /// How often a closed gate asks the backend whether it accepts volumed's
@@ -210,9 +211,11 @@ impl Consumer {
             correlation_id: props.correlation_id().as_ref().map(ShortString::as_str),
             reply_to: props.reply_to().as_ref().map(ShortString::as_str),
             retries: retries_of(&d),
+            traceparent: header_text(&d, trace::HEADER),
         };
         match contract::decode(&d.data, &env, self.config.max_message_bytes) {
-            Ok(request) => {
+            Ok(mut request) => {
+                let trace = *request.trace.get_or_insert_with(TraceParent::new_root);
                 let key = request.volume_id;
                 let me = Arc::clone(self);
                 self.dispatcher.dispatch(
@@ -231,7 +234,8 @@ impl Consumer {
                             message.id = %job.request.request_id,
                             request.id = %job.request.request_id,
                             volume.id = %job.request.volume_id,
-                            host = %me.config.host_id);
+                            host = %me.config.host_id,
+                            trace.id = %trace.trace_id_hex());
                         async move {
                             // A panic in one operation must not take the
                             // message with it: it goes back to the queue,
@@ -272,6 +276,7 @@ impl Consumer {
     /// message can never succeed, so it is never requeued.
     async fn reject(&self, d: Delivery, r: Rejection, dead: &Channel) {
         warn!(error.code = %r.code, error.message = %r.message, "refused a request");
+        crate::metrics::get().request(r.op.map_or("unknown", contract::Op::as_str), "refused");
         if let (Some(request_id), Some(op)) = (r.request_id, r.op) {
             let event = Event {
                 event_id: Uuid::new_v4(),
@@ -308,6 +313,13 @@ impl Consumer {
                         .as_ref()
                         .map(|s| s.to_string()),
                     reply_to: d.properties.reply_to().as_ref().map(|s| s.to_string()),
+                    traceparent: Some(
+                        header_text(&d, trace::HEADER)
+                            .and_then(TraceParent::parse)
+                            .unwrap_or_else(TraceParent::new_root)
+                            .child()
+                            .to_string(),
+                    ),
                 },
             };
             if let Err(e) = db_retry("record refusal", || {
@@ -483,7 +495,12 @@ async fn dead_letter(
         (HOST_HEADER, s(host)),
         (ORIGINAL_KEY_HEADER, s(d.routing_key.as_str())),
     ];
-    republish(ch, d, topology::DEAD_EXCHANGE, host, extra, None).await
+    republish(ch, d, topology::DEAD_EXCHANGE, host, extra, None).await?;
+    crate::metrics::get()
+        .dead_letters
+        .with_label_values(&[reason])
+        .inc();
+    Ok(())
 }
 
 /// Publishes a message to the retry queue of its delay step; it returns to
@@ -536,4 +553,13 @@ pub fn request_properties(request_id: Uuid) -> BasicProperties {
         .with_message_id(request_id.to_string().into())
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
+}
+
+/// A text header of a delivery (long or short string), if present.
+fn header_text<'a>(d: &'a Delivery, name: &str) -> Option<&'a str> {
+    match d.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(v) => std::str::from_utf8(v.as_bytes()).ok(),
+        AMQPValue::ShortString(v) => Some(v.as_str()),
+        _ => None,
+    }
 }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::trace::TraceParent;
+
 /// The operation a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +68,9 @@ pub struct Request {
     /// How many times volumed already retried this request (the
     /// `x-volumed-retries` header; 0 on first delivery and after a replay).
     pub retries: u32,
+    /// The request's `traceparent` header when it carries a valid one; the
+    /// consumer starts a new trace otherwise (see [`crate::trace`]).
+    pub trace: Option<TraceParent>,
 }
 
 /// AMQP properties the decoder looks at.
@@ -75,6 +80,8 @@ pub struct Envelope<'a> {
     pub correlation_id: Option<&'a str>,
     pub reply_to: Option<&'a str>,
     pub retries: u32,
+    /// The `traceparent` header, as text.
+    pub traceparent: Option<&'a str>,
 }
 
 /// Error codes carried in failure events and dead-letter headers. The set is
@@ -467,6 +474,7 @@ pub fn decode(body: &[u8], env: &Envelope<'_>, max_bytes: usize) -> Result<Reque
         reply_to: env.reply_to.filter(|s| !s.is_empty()).map(str::to_owned),
         deadline,
         retries: env.retries,
+        trace: env.traceparent.and_then(TraceParent::parse),
     })
 }
 
@@ -666,6 +674,7 @@ mod tests {
             correlation_id: Some("a\0b"),
             reply_to: None,
             retries: 0,
+            traceparent: None,
         };
         let err = decode(body.as_bytes(), &env, 4096).expect_err("NUL refused");
         assert_eq!(err.code, ErrorCode::InvalidField);

@@ -36,10 +36,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let gate = Arc::new(Gate::default());
     let stop_http = CancellationToken::new();
     let http_task = {
-        let serve = crate::health::serve(
+        let serve = crate::http::serve(
             config.http_listen,
-            Arc::clone(&health),
-            Arc::clone(&gate),
+            crate::http::HttpState {
+                host: config.host_id.clone(),
+                health: Arc::clone(&health),
+                gate: Arc::clone(&gate),
+                pool: pool.clone(),
+            },
             stop_http.clone(),
         );
         // Not fatal: the daemon's work does not depend on the endpoint,

@@ -204,6 +204,8 @@ pub struct Outgoing {
     pub event: Event,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// The W3C `traceparent` header the event is published with.
+    pub traceparent: Option<String>,
 }
 
 /// How a request ended, as the journal records it.
@@ -376,6 +378,7 @@ pub async fn insert_event(
             event: event.clone(),
             correlation_id: None,
             reply_to: None,
+            traceparent: None,
         },
     )
     .await
@@ -388,8 +391,8 @@ async fn insert_outbox(
     let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to,
-                             generation)
-         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                             traceparent, generation)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
                  COALESCE((SELECT generation FROM operations WHERE request_id = $2), 0))",
     )
     .bind(out.event.event_id)
@@ -399,6 +402,7 @@ async fn insert_outbox(
     .bind(body)
     .bind(&out.correlation_id)
     .bind(&out.reply_to)
+    .bind(&out.traceparent)
     .execute(&mut **tx)
     .await?;
     sqlx::query("SELECT pg_notify($1, $2)")
@@ -419,6 +423,7 @@ pub struct PendingEvent {
     pub body: serde_json::Value,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 /// Locks up to `limit` unsent events of a host, oldest first. Rows locked by
@@ -429,7 +434,7 @@ pub async fn lock_pending(
     limit: i64,
 ) -> Result<Vec<PendingEvent>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, event_id, request_id, routing_key, body, correlation_id, reply_to
+        "SELECT id, event_id, request_id, routing_key, body, correlation_id, reply_to, traceparent
            FROM outbox WHERE host = $1 AND sent_at IS NULL
           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
@@ -447,6 +452,7 @@ pub async fn lock_pending(
                 body: r.try_get("body")?,
                 correlation_id: r.try_get("correlation_id")?,
                 reply_to: r.try_get("reply_to")?,
+                traceparent: r.try_get("traceparent")?,
             })
         })
         .collect()
@@ -520,7 +526,7 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
 }
 
 /// One recorded export.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct ExportRow {
     pub export_name: String,
     pub volume_id: Uuid,
@@ -609,4 +615,80 @@ where
     .fetch_one(e)
     .await?;
     Ok(n > 0)
+}
+
+/// Live exports of a host by engine (for the metrics).
+pub async fn export_counts(pool: &PgPool, host: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT engine, count(*) FROM nbd_exports WHERE host = $1 GROUP BY engine")
+        .bind(host)
+        .fetch_all(pool)
+        .await
+}
+
+/// The columns of an operation that the HTTP view shows, with its event
+/// (when one was written) under `event`.
+const OPERATION_VIEW: &str = "
+    SELECT o.request_id, o.host, o.op, o.volume_id, o.vm_id, o.state, o.step, o.attempts,
+           o.generation, o.error_code, o.error_message, o.job_id, o.cloud_job_id, o.metadata,
+           o.created_at, o.updated_at, o.finished_at,
+           (SELECT jsonb_build_object('event_id', e.event_id, 'type', e.routing_key,
+                                      'created_at', e.created_at, 'sent_at', e.sent_at,
+                                      'unroutable', e.unroutable, 'body', e.body)
+              FROM outbox e
+             WHERE e.request_id = o.request_id AND e.generation = o.generation) AS event
+      FROM operations o";
+
+/// One operation as JSON, or `None` when the id is unknown.
+pub async fn operation_view(
+    pool: &PgPool,
+    request_id: Uuid,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(v) FROM ({OPERATION_VIEW} WHERE o.request_id = $1) v"
+    ))
+    .bind(request_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// What volumed knows of a volume: its attachment, its export and its
+/// latest operations (newest first, at most 20). `None` when it knows
+/// nothing.
+pub async fn volume_view(
+    pool: &PgPool,
+    volume_id: Uuid,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    let attachment: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(a) FROM (SELECT vm_id, host, device_path, stable_path, request_id,
+                                         attached_at
+                                    FROM volume_attachments WHERE volume_id = $1) a",
+    )
+    .bind(volume_id)
+    .fetch_optional(pool)
+    .await?;
+    let export: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(x) FROM (SELECT export_name, host, engine, device_path, stable_path,
+                                         port, request_id, created_at
+                                    FROM nbd_exports WHERE volume_id = $1) x",
+    )
+    .bind(volume_id)
+    .fetch_optional(pool)
+    .await?;
+    let operations: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(v) FROM ({OPERATION_VIEW} WHERE o.volume_id = $1
+                                  ORDER BY o.created_at DESC LIMIT 20) v"
+    ))
+    .bind(volume_id)
+    .fetch_all(pool)
+    .await?;
+    if attachment.is_none() && export.is_none() && operations.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::json!({
+        "volume_id": volume_id,
+        "attached": attachment.is_some(),
+        "attachment": attachment,
+        "export": export,
+        "operations": operations,
+    })))
 }

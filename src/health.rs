@@ -1,19 +1,14 @@
-//! Liveness and readiness, served over HTTP (`/healthz`, `/readyz`).
+//! Liveness and readiness state, served by [`crate::http`] (`/healthz`,
+//! `/readyz`).
 //!
 //! Ready means: the request consumer runs (connected to the broker and not
 //! paused by the gate), the database answers, and the NBD server runs. Each
 //! part reports its own state here; a small probe task checks the database.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -67,43 +62,5 @@ pub async fn probe_database(health: Arc<Health>, pool: PgPool, stop: Cancellatio
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
-    }
-}
-
-#[derive(Clone)]
-struct Shared {
-    health: Arc<Health>,
-    gate: Arc<Gate>,
-}
-
-/// Serves `/healthz` and `/readyz` until `stop`. Nothing here changes state.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Arc<Health>,
-    gate: Arc<Gate>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(Shared { health, gate });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on VOLUMED_HTTP_LISTEN={addr}: {e}"))?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
-    Ok(())
-}
-
-async fn readyz(State(s): State<Shared>) -> (StatusCode, Json<serde_json::Value>) {
-    let problems = s.health.problems(&s.gate);
-    if problems.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true})))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reasons": problems})),
-        )
     }
 }

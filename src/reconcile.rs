@@ -501,6 +501,7 @@ impl Reconciler {
                 event,
                 correlation_id: None,
                 reply_to: None,
+                traceparent: None,
             },
         };
         Ok(crate::db::finish_operation(&self.pool, &finish).await?)

@@ -142,6 +142,9 @@ impl Relay {
             db::count_refused(&mut tx, &refused).await?;
             tx.commit().await?;
             total += sent.len();
+            crate::metrics::get()
+                .events_published
+                .inc_by(sent.len() as u64);
             debug!(count = sent.len(), "events published");
             if !refused.is_empty() {
                 // Try the refused ones at the next poll rather than spin.
@@ -163,6 +166,12 @@ async fn publish(
         headers.insert(
             "x-request-correlation-id".into(),
             AMQPValue::LongString(c.as_str().into()),
+        );
+    }
+    if let Some(t) = &row.traceparent {
+        headers.insert(
+            crate::trace::HEADER.into(),
+            AMQPValue::LongString(t.as_str().into()),
         );
     }
     let props = BasicProperties::default()

@@ -202,6 +202,24 @@ impl Worker {
         op = req.op.as_str(), vm.id = ?req.vm_id, attempt = tracing::field::Empty,
     ))]
     pub async fn handle(&self, req: &Request) -> Settle {
+        let metrics = crate::metrics::get();
+        let started = std::time::Instant::now();
+        let op = req.op.as_str();
+        metrics.begin(req.request_id, op);
+        let (settle, outcome) = self.run(req).await;
+        metrics.end(req.request_id, started, op, outcome);
+        if let Settle::Retry { code, .. } = &settle {
+            metrics
+                .retries
+                .with_label_values(&[op, code.as_str()])
+                .inc();
+        }
+        settle
+    }
+
+    /// [`Worker::handle`] without the metrics: the settle, and the outcome
+    /// label it counts under.
+    async fn run(&self, req: &Request) -> (Settle, &'static str) {
         let start = db_retry("journal start", || {
             db::start_operation(&self.pool, &self.host, req)
         })
@@ -216,7 +234,7 @@ impl Worker {
                     state,
                     "request already finished; acknowledging the redelivery"
                 );
-                return Settle::Ack;
+                return (Settle::Ack, "duplicate");
             }
             Ok(Start::Conflict { existing }) => {
                 let message = format!(
@@ -225,15 +243,18 @@ impl Worker {
                 );
                 warn!(error.code = %ErrorCode::DuplicateRequestId, error.message = %message,
                       "refused a request");
-                return Settle::DeadLetter {
-                    reason: ErrorCode::DuplicateRequestId.as_str().into(),
-                    code: ErrorCode::DuplicateRequestId,
-                    message,
-                };
+                return (
+                    Settle::DeadLetter {
+                        reason: ErrorCode::DuplicateRequestId.as_str().into(),
+                        code: ErrorCode::DuplicateRequestId,
+                        message,
+                    },
+                    "refused",
+                );
             }
             Err(e) => {
                 error!(cause = %e, "cannot journal the request; giving it back to the broker");
-                return Settle::Requeue;
+                return (Settle::Requeue, "requeued");
             }
         };
         Span::current().record("attempt", attempts);
@@ -256,7 +277,7 @@ impl Worker {
             error!(cause = %reason,
                    "the backend refuses volumed's configuration; stopping consumption until it accepts it");
             self.gate.close(reason.clone()).await;
-            return Settle::Requeue;
+            return (Settle::Requeue, "requeued");
         }
         let mut outcome = outcome;
         let mut exhausted = None;
@@ -284,19 +305,22 @@ impl Worker {
                     {
                         warn!(cause = %e, "cannot journal the retry");
                     }
-                    return Settle::Retry {
-                        step,
-                        delay,
-                        code: *code,
-                        message: message.clone(),
-                    };
+                    return (
+                        Settle::Retry {
+                            step,
+                            delay,
+                            code: *code,
+                            message: message.clone(),
+                        },
+                        "retried",
+                    );
                 } else {
                     exhausted = Some((*code, message.clone()));
                 }
             }
         }
         failpoint::hit("before_commit").await;
-        let settle = self.commit(req, attempts, outcome).await;
+        let (settle, label) = self.commit(req, attempts, outcome).await;
         failpoint::hit("after_commit").await;
         match (settle, exhausted) {
             (Settle::Ack, Some((code, message))) => {
@@ -304,13 +328,16 @@ impl Worker {
                     attempts = self.retry.attempts,
                     "retry budget spent; dead-lettering the request"
                 );
-                Settle::DeadLetter {
-                    reason: "retries_exhausted".into(),
-                    code,
-                    message,
-                }
+                (
+                    Settle::DeadLetter {
+                        reason: "retries_exhausted".into(),
+                        code,
+                        message,
+                    },
+                    label,
+                )
             }
-            (settle, _) => settle,
+            (settle, _) => (settle, label),
         }
     }
 
@@ -668,10 +695,23 @@ impl Worker {
     /// column is for operators and for resuming, and the next write of the
     /// row corrects it.
     async fn step(&self, request_id: Uuid, step: &'static str) {
+        crate::metrics::get().step(request_id, step);
         self.steps.record(request_id, step);
     }
 
-    async fn commit(&self, req: &Request, attempts: i32, outcome: Outcome) -> Settle {
+    /// Commits the outcome; the label says what was committed (`succeeded`,
+    /// `failed`, or `requeued` when nothing could be).
+    async fn commit(
+        &self,
+        req: &Request,
+        attempts: i32,
+        outcome: Outcome,
+    ) -> (Settle, &'static str) {
+        let label = if outcome.result.is_ok() {
+            "succeeded"
+        } else {
+            "failed"
+        };
         let event_type = req.op.event_type(outcome.result.is_ok());
         let (device, error) = match &outcome.result {
             Ok(dev) => (dev.clone(), None),
@@ -714,6 +754,7 @@ impl Worker {
                 event,
                 correlation_id: req.correlation_id.clone(),
                 reply_to: req.reply_to.clone(),
+                traceparent: req.trace.map(|t| t.child().to_string()),
             },
         };
         match db_retry("journal finish", || {
@@ -723,11 +764,11 @@ impl Worker {
         {
             Ok(true) => {
                 info!(event.type = event_type.as_str(), "operation committed");
-                Settle::Ack
+                (Settle::Ack, label)
             }
             Ok(false) => {
                 info!("another delivery of this request committed first");
-                Settle::Ack
+                (Settle::Ack, "duplicate")
             }
             Err(e) => {
                 // A statement that fails for a reason other than the
@@ -751,10 +792,10 @@ impl Worker {
                 })
                 .await
                 {
-                    Ok(_) => Settle::Ack,
+                    Ok(_) => (Settle::Ack, "failed"),
                     Err(e) => {
                         error!(cause = %e, "cannot record the failure either; requeueing");
-                        Settle::Requeue
+                        (Settle::Requeue, "requeued")
                     }
                 }
             }

@@ -5,13 +5,19 @@ use anyhow::Result;
 use clap::Args;
 
 use super::Cli;
-use crate::client::Client;
+use crate::client::{Client, EventFilter};
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
     /// Event types to follow, as a topic pattern (`volume.attach.*`).
     #[arg(long, default_value = "#")]
     pub pattern: String,
+    /// Only events about this volume.
+    #[arg(long)]
+    pub volume: Option<uuid::Uuid>,
+    /// Only events from this host (daemon).
+    #[arg(long)]
+    pub host: Option<String>,
     /// One JSON object per line instead of a summary line.
     #[arg(long)]
     pub json: bool,
@@ -21,7 +27,12 @@ pub struct EventsArgs {
 pub async fn run(cli: &Cli, a: &EventsArgs) -> Result<ExitCode> {
     let config = cli.load_config()?;
     let client = Client::connect(&config.amqp_url).await?;
-    let mut sub = client.subscribe(&a.pattern).await?;
+    let filter = EventFilter {
+        volume: a.volume,
+        host: a.host.clone(),
+        ..EventFilter::types(&a.pattern)
+    };
+    let mut sub = client.subscribe_filtered(filter).await?;
     eprintln!("subscribed to volumed.events ({})", a.pattern);
     loop {
         tokio::select! {

@@ -349,6 +349,10 @@ impl Manager {
         match self.engine.reload(pid) {
             Some(Ok(())) => {
                 self.pending.reloads += 1;
+                crate::metrics::get()
+                    .nbd_reloads
+                    .with_label_values(&[self.cfg.engine.as_str()])
+                    .inc();
                 info!(host = %self.host, "adopted nbd-server reloaded to read configured exports");
             }
             Some(Err(e)) => warn!(cause = %e, "cannot signal the NBD server"),
@@ -365,6 +369,10 @@ impl Manager {
             .await
             .with_context(|| format!("starting {}", self.engine.program()))?;
         self.pending.restarts += 1;
+        crate::metrics::get()
+            .nbd_restarts
+            .with_label_values(&[self.cfg.engine.as_str()])
+            .inc();
         info!(host = %self.host, pid = pid.as_raw(), engine = self.cfg.engine.as_str(),
               port = self.cfg.port, "NBD server started");
         Ok(pid)
@@ -595,6 +603,10 @@ impl Manager {
             match self.engine.reload(pid) {
                 Some(Ok(())) => {
                     self.pending.reloads += 1;
+                    crate::metrics::get()
+                        .nbd_reloads
+                        .with_label_values(&[self.cfg.engine.as_str()])
+                        .inc();
                     info!(host = %self.host, changes, attempt, "nbd-server reloaded");
                 }
                 Some(Err(e)) => warn!(cause = %e, "cannot signal nbd-server"),
