@@ -1,9 +1,10 @@
 //! Broker connections.
 
 use anyhow::{Context, Result};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::SecretUrl;
+use crate::config::{AmqpTls, SecretUrl};
 
 /// Opens a named connection; the name shows in the broker's connection list
 /// (`rabbitmqctl list_connections client_properties`), which is how an
@@ -13,9 +14,25 @@ use crate::config::SecretUrl;
 /// finishes the handshake (overloaded, or refusing the vhost in a way the
 /// client does not notice) must not stall a reconnect loop forever.
 pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection> {
-    let connect = Connection::connect(
+    connect_with(url, &AmqpTls::default(), name).await
+}
+
+/// Like [`connect`], with the configured TLS settings: for `amqps://` the
+/// server certificate is verified against the system's roots plus
+/// `VOLUMED_AMQP_CA_FILE`, and the client certificate is presented when
+/// one is configured.
+pub async fn connect_with(url: &SecretUrl, tls: &AmqpTls, name: &str) -> Result<Connection> {
+    let config = OwnedTLSConfig {
+        identity: tls.client_cert_der.as_ref().map(|der| OwnedIdentity {
+            der: der.clone(),
+            password: tls.client_cert_password.expose().to_owned(),
+        }),
+        cert_chain: tls.ca_pem.clone(),
+    };
+    let connect = Connection::connect_with_config(
         url.expose(),
         ConnectionProperties::default().with_connection_name(name.into()),
+        config,
     );
     tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await

@@ -286,7 +286,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let (idle_rss, _) = rss(pid);
 
     // The burst.
-    let client = Client::connect(&config.amqp_url).await?;
+    let client = Client::connect_tls(&config.amqp_url, &config.amqp_tls).await?;
     let mut sub = client.subscribe("#").await?;
     let mut requests = Vec::with_capacity(plan.requests);
     for i in 0..plan.requests {
@@ -397,7 +397,9 @@ async fn cleanup(config: &Config, pool: &PgPool, host: &str) {
     ] {
         let _ = sqlx::query(sql).bind(host).execute(pool).await;
     }
-    if let Ok(conn) = crate::amqp::connect(&config.amqp_url, "volumed-bench").await {
+    if let Ok(conn) =
+        crate::amqp::connect_with(&config.amqp_url, &config.amqp_tls, "volumed-bench").await
+    {
         if let Ok(ch) = conn.create_channel().await {
             let topo = crate::topology::Topology::for_host(
                 host,
@@ -427,7 +429,8 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
         format!("volumed.bench.in.{id}"),
         format!("volumed.bench.out.{id}"),
     );
-    let conn = crate::amqp::connect(&config.amqp_url, "volumed-bench-floor").await?;
+    let conn = crate::amqp::connect_with(&config.amqp_url, &config.amqp_tls, "volumed-bench-floor")
+        .await?;
     let ch = conn.create_channel().await?;
     let declare = QueueDeclareOptions {
         durable: true,

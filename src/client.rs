@@ -39,7 +39,7 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::config::SecretUrl;
+use crate::config::{AmqpTls, SecretUrl};
 use crate::contract::Event;
 use crate::topology::{EVENTS_EXCHANGE, REQUESTS_EXCHANGE};
 use crate::trace::{self, TraceParent};
@@ -266,9 +266,15 @@ impl Subscription {
 }
 
 impl Client {
-    /// Connects (within 10 s) and opens a channel in confirm mode.
+    /// Connects (within 10 s) and opens a channel in confirm mode. An
+    /// `amqps://` URL is verified against the system's trusted roots.
     pub async fn connect(url: &SecretUrl) -> Result<Client> {
-        let conn = crate::amqp::connect(url, "volumed-client")
+        Self::connect_tls(url, &AmqpTls::default()).await
+    }
+
+    /// Like [`Client::connect`], with a CA file and client certificate.
+    pub async fn connect_tls(url: &SecretUrl, tls: &AmqpTls) -> Result<Client> {
+        let conn = crate::amqp::connect_with(url, tls, "volumed-client")
             .await
             .map_err(|e| ClientError::Broker(format!("{e:#}")))?;
         let ch = conn.create_channel().await?;

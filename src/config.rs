@@ -56,7 +56,7 @@ impl std::fmt::Display for SecretUrl {
 }
 
 /// A secret string (an API secret key): never shown by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
 
 impl Secret {
@@ -81,6 +81,77 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// TLS settings of the broker connection (`VOLUMED_AMQP_CA_FILE`,
+/// `VOLUMED_AMQP_CLIENT_CERT`, `VOLUMED_AMQP_CLIENT_CERT_PASSWORD`), used
+/// with an `amqps://` URL. The files are read once at load time, so a
+/// missing or unreadable one stops the daemon at start-up with its name
+/// rather than at the first reconnection.
+#[derive(Clone, Default)]
+pub struct AmqpTls {
+    /// PEM certificates trusted in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+    pub ca_pem: Option<String>,
+    /// A PKCS#12 bundle with the client certificate and its key.
+    pub client_cert: Option<PathBuf>,
+    pub client_cert_der: Option<Vec<u8>>,
+    pub client_cert_password: Secret,
+}
+
+impl std::fmt::Debug for AmqpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTls")
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_cert_password", &self.client_cert_password)
+            .finish()
+    }
+}
+
+impl AmqpTls {
+    /// Reads the files named by the settings; `url` must be `amqps://`
+    /// when any is set, since they would otherwise be silently unused.
+    fn load(
+        url: &SecretUrl,
+        ca_file: Option<PathBuf>,
+        client_cert: Option<PathBuf>,
+        password: Option<String>,
+    ) -> Result<AmqpTls> {
+        if (ca_file.is_some() || client_cert.is_some()) && !url.expose().starts_with("amqps://") {
+            bail!(
+                "VOLUMED_AMQP_CA_FILE / VOLUMED_AMQP_CLIENT_CERT need an amqps:// VOLUMED_AMQP_URL"
+            );
+        }
+        let ca_pem = match &ca_file {
+            Some(p) => {
+                let pem = std::fs::read_to_string(p).with_context(|| {
+                    format!("VOLUMED_AMQP_CA_FILE={}: cannot read", p.display())
+                })?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    bail!(
+                        "VOLUMED_AMQP_CA_FILE={}: no PEM certificate in the file",
+                        p.display()
+                    );
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        let client_cert_der = match &client_cert {
+            Some(p) => Some(std::fs::read(p).with_context(|| {
+                format!("VOLUMED_AMQP_CLIENT_CERT={}: cannot read", p.display())
+            })?),
+            None => None,
+        };
+        Ok(AmqpTls {
+            ca_file,
+            ca_pem,
+            client_cert,
+            client_cert_der,
+            client_cert_password: Secret::new(password.unwrap_or_default()),
+        })
+    }
+}
+
 /// CloudStack API settings (`VOLUMED_CLOUDSTACK_*`).
 #[derive(Debug, Clone)]
 pub struct CloudStackConfig {
@@ -94,6 +165,10 @@ pub struct CloudStackConfig {
     pub job_timeout: Duration,
     /// Verify the server's TLS certificate (on unless explicitly disabled).
     pub tls_verify: bool,
+    /// PEM certificates trusted for the API in addition to the system's
+    /// (`VOLUMED_CLOUDSTACK_CA_FILE`), read at load time.
+    pub ca_file: Option<PathBuf>,
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +188,7 @@ pub enum LogFormat {
 pub struct Config {
     pub host_id: String,
     pub amqp_url: SecretUrl,
+    pub amqp_tls: AmqpTls,
     pub database_url: SecretUrl,
     pub backend: BackendKind,
     pub data_dir: PathBuf,
@@ -247,6 +323,9 @@ pub struct NbdConfig {
 struct FileConfig {
     host_id: Option<String>,
     amqp_url: Option<String>,
+    amqp_ca_file: Option<PathBuf>,
+    amqp_client_cert: Option<PathBuf>,
+    amqp_client_cert_password: Option<String>,
     database_url: Option<String>,
     backend: Option<String>,
     data_dir: Option<PathBuf>,
@@ -278,6 +357,7 @@ struct FileConfig {
     cloudstack_timeout_secs: Option<u64>,
     cloudstack_job_timeout_secs: Option<u64>,
     cloudstack_tls_verify: Option<bool>,
+    cloudstack_ca_file: Option<PathBuf>,
     retry_attempts: Option<u64>,
     retry_delays: Option<String>,
     http_listen: Option<String>,
@@ -295,6 +375,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/volumed/volumed.toml";
 pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_HOST_ID",
     "VOLUMED_AMQP_URL",
+    "VOLUMED_AMQP_CA_FILE",
+    "VOLUMED_AMQP_CLIENT_CERT",
+    "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
     "VOLUMED_DATABASE_URL",
     "VOLUMED_BACKEND",
     "VOLUMED_DATA_DIR",
@@ -326,6 +409,7 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_CLOUDSTACK_TIMEOUT_SECS",
     "VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS",
     "VOLUMED_CLOUDSTACK_TLS_VERIFY",
+    "VOLUMED_CLOUDSTACK_CA_FILE",
     "VOLUMED_RETRY_ATTEMPTS",
     "VOLUMED_RETRY_DELAYS",
     "VOLUMED_HTTP_LISTEN",
@@ -442,6 +526,19 @@ impl Config {
                 .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         );
         check_url(&amqp_url, "VOLUMED_AMQP_URL", &["amqp", "amqps"])?;
+        let amqp_tls = AmqpTls::load(
+            &amqp_url,
+            s("VOLUMED_AMQP_CA_FILE", None)
+                .map(PathBuf::from)
+                .or(file.amqp_ca_file),
+            s("VOLUMED_AMQP_CLIENT_CERT", None)
+                .map(PathBuf::from)
+                .or(file.amqp_client_cert),
+            s(
+                "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
+                file.amqp_client_cert_password,
+            ),
+        )?;
         let database_url = SecretUrl::new(
             s("VOLUMED_DATABASE_URL", file.database_url)
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/volumed".into()),
@@ -555,6 +652,15 @@ impl Config {
                 file.cloudstack_tls_verify,
                 true,
             )?;
+            let ca_file = s("VOLUMED_CLOUDSTACK_CA_FILE", None)
+                .map(PathBuf::from)
+                .or(file.cloudstack_ca_file);
+            let ca_pem = match &ca_file {
+                Some(p) => Some(std::fs::read(p).with_context(|| {
+                    format!("VOLUMED_CLOUDSTACK_CA_FILE={}: cannot read", p.display())
+                })?),
+                None => None,
+            };
             Some(CloudStackConfig {
                 url,
                 api_key: need(
@@ -576,6 +682,8 @@ impl Config {
                     600,
                 )?,
                 tls_verify,
+                ca_file,
+                ca_pem,
             })
         } else {
             None
@@ -610,6 +718,7 @@ impl Config {
         Ok(Config {
             host_id,
             amqp_url,
+            amqp_tls,
             database_url,
             backend,
             data_dir,
@@ -663,6 +772,15 @@ impl Config {
         let rows: Vec<(&str, String)> = vec![
             ("VOLUMED_HOST_ID", self.host_id.clone()),
             ("VOLUMED_AMQP_URL", self.amqp_url.masked()),
+            ("VOLUMED_AMQP_CA_FILE", opt_path(&self.amqp_tls.ca_file)),
+            (
+                "VOLUMED_AMQP_CLIENT_CERT",
+                opt_path(&self.amqp_tls.client_cert),
+            ),
+            (
+                "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
+                self.amqp_tls.client_cert_password.to_string(),
+            ),
             ("VOLUMED_DATABASE_URL", self.database_url.masked()),
             (
                 "VOLUMED_BACKEND",
@@ -765,12 +883,20 @@ impl Config {
                     cs.job_timeout.as_secs().to_string(),
                 ),
                 ("VOLUMED_CLOUDSTACK_TLS_VERIFY", cs.tls_verify.to_string()),
+                ("VOLUMED_CLOUDSTACK_CA_FILE", opt_path(&cs.ca_file)),
             ]);
         }
         rows.into_iter()
             .map(|(k, v)| format!("{k} = {v}\n"))
             .collect()
     }
+}
+
+/// A path setting for `config check`: the path, or `(none)`.
+fn opt_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(none)".into())
 }
 
 fn read_file(p: &Path) -> Result<FileConfig> {

@@ -115,9 +115,12 @@ impl Consumer {
         connected: &mut bool,
     ) -> Result<Connection> {
         let cfg = &self.config;
-        let conn =
-            crate::amqp::connect(&cfg.amqp_url, &format!("volumed-consumer {}", cfg.host_id))
-                .await?;
+        let conn = crate::amqp::connect_with(
+            &cfg.amqp_url,
+            &cfg.amqp_tls,
+            &format!("volumed-consumer {}", cfg.host_id),
+        )
+        .await?;
         let ch = conn.create_channel().await?;
         Topology::for_host(&cfg.host_id, cfg.delivery_limit, &cfg.retry_delays)
             .declare(&ch)
@@ -307,12 +310,21 @@ impl Consumer {
                 change: AttachmentChange::None,
                 outgoing: Outgoing {
                     event,
+                    // Kept only when storable and usable: a NUL cannot go
+                    // into a text column (the event would be lost with the
+                    // transaction), and an empty reply_to names no queue.
                     correlation_id: d
                         .properties
                         .correlation_id()
                         .as_ref()
-                        .map(|s| s.to_string()),
-                    reply_to: d.properties.reply_to().as_ref().map(|s| s.to_string()),
+                        .map(|s| s.to_string())
+                        .filter(|s| !s.contains('\0')),
+                    reply_to: d
+                        .properties
+                        .reply_to()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .filter(|s| !s.is_empty() && !s.contains('\0')),
                     traceparent: Some(
                         header_text(&d, trace::HEADER)
                             .and_then(TraceParent::parse)

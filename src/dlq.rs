@@ -63,8 +63,9 @@ async fn ingest_once(
     stop: &CancellationToken,
     connected: &mut bool,
 ) -> Result<()> {
-    let conn = crate::amqp::connect(
+    let conn = crate::amqp::connect_with(
         &config.amqp_url,
+        &config.amqp_tls,
         &format!("volumed-dead-letters {}", config.host_id),
     )
     .await?;
@@ -554,7 +555,8 @@ pub async fn replay(pool: &PgPool, ch: &Channel, row: &Stored, by: &str) -> Resu
 
 /// A confirm-mode channel for replays.
 pub async fn replay_channel(config: &Config) -> Result<(lapin::Connection, Channel)> {
-    let conn = crate::amqp::connect(&config.amqp_url, "volumed-dlq-replay").await?;
+    let conn =
+        crate::amqp::connect_with(&config.amqp_url, &config.amqp_tls, "volumed-dlq-replay").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, ch))

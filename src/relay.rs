@@ -63,8 +63,12 @@ impl Relay {
 
     async fn run_once(&self, stop: &CancellationToken, connected: &mut bool) -> Result<()> {
         let cfg = &self.config;
-        let conn =
-            crate::amqp::connect(&cfg.amqp_url, &format!("volumed-relay {}", cfg.host_id)).await?;
+        let conn = crate::amqp::connect_with(
+            &cfg.amqp_url,
+            &cfg.amqp_tls,
+            &format!("volumed-relay {}", cfg.host_id),
+        )
+        .await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let mut listener = PgListener::connect_with(&self.pool)

@@ -26,7 +26,7 @@ pub struct EventsArgs {
 /// `volumed events`: tail the event exchange until interrupted.
 pub async fn run(cli: &Cli, a: &EventsArgs) -> Result<ExitCode> {
     let config = cli.load_config()?;
-    let client = Client::connect(&config.amqp_url).await?;
+    let client = Client::connect_tls(&config.amqp_url, &config.amqp_tls).await?;
     let filter = EventFilter {
         volume: a.volume,
         host: a.host.clone(),

@@ -52,18 +52,18 @@ pub async fn attach(cli: &Cli, a: &AttachArgs) -> Result<ExitCode> {
     let config = cli.load_config()?;
     let host = a.common.host.clone().unwrap_or(config.host_id.clone());
     let req = Outgoing::attach(&host, a.volume, a.vm, !a.no_export);
-    send(&config.amqp_url, req, &a.common).await
+    send(&config, req, &a.common).await
 }
 
 pub async fn detach(cli: &Cli, a: &DetachArgs) -> Result<ExitCode> {
     let config = cli.load_config()?;
     let host = a.common.host.clone().unwrap_or(config.host_id.clone());
     let req = Outgoing::detach(&host, a.volume, a.vm);
-    send(&config.amqp_url, req, &a.common).await
+    send(&config, req, &a.common).await
 }
 
-async fn send(url: &crate::config::SecretUrl, req: Outgoing, c: &Common) -> Result<ExitCode> {
-    let client = Client::connect(url).await?;
+async fn send(config: &crate::config::Config, req: Outgoing, c: &Common) -> Result<ExitCode> {
+    let client = Client::connect_tls(&config.amqp_url, &config.amqp_tls).await?;
     let id = req.request_id;
     if !c.wait {
         client.publish(&req).await?;

@@ -110,10 +110,26 @@ pub struct Client {
 
 impl Client {
     pub fn new(cfg: &CloudStackConfig) -> Result<Client, CsError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
-            .danger_accept_invalid_certs(!cfg.tls_verify)
+            .danger_accept_invalid_certs(!cfg.tls_verify);
+        if let Some(pem) = &cfg.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                CsError::Transport(format!(
+                    "VOLUMED_CLOUDSTACK_CA_FILE: not PEM certificates: {e}"
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(CsError::Transport(
+                    "VOLUMED_CLOUDSTACK_CA_FILE holds no certificate".into(),
+                ));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| CsError::Transport(e.to_string()))?;
         Ok(Client {

@@ -1,0 +1,303 @@
+//! Transport security: `amqps://` with a private CA and a client
+//! certificate, and PostgreSQL `sslmode`, against real TLS endpoints (an
+//! `openssl s_server` standing in for the broker's TLS listener, and the
+//! local PostgreSQL, which serves TLS).
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use volumed::config::{Config, SecretUrl};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("openssl not runnable ({e}); scripts/ensure-services.sh installs it")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost and a client certificate for
+/// host `oma-1` in a PKCS#12 bundle with password `s3cret`.
+fn make_pki(dir: &Path) {
+    let subj = |cn: &str| format!("/CN={cn}");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            &subj("volumed test CA"),
+        ],
+    );
+    for (name, cn) in [("server", "localhost"), ("client", "oma-1")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &subj(cn),
+            ],
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("ext file");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+    }
+    openssl(
+        dir,
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            "client.pem",
+            "-inkey",
+            "client.key",
+            "-out",
+            "client.p12",
+            "-passout",
+            "pass:s3cret",
+        ],
+    );
+}
+
+/// An `openssl s_server` that demands a client certificate signed by the
+/// CA, accepts one connection and prints what it receives.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl TlsServer {
+    fn start(dir: &Path) -> TlsServer {
+        let port = common::free_port();
+        let mut child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+                "server.pem",
+                "-key",
+                "server.key",
+                "-CAfile",
+                "ca.pem",
+                "-Verify",
+                "1",
+                "-naccept",
+                "1",
+            ])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl s_server starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let out = Arc::clone(&output);
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().expect("output").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let server = TlsServer {
+            child,
+            port,
+            output,
+        };
+        server.wait_for("ACCEPT");
+        server
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().expect("output")).into_owned()
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.text().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "s_server never printed {needle:?}: {}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(vars: &[(&str, String)]) -> anyhow::Result<Config> {
+    let map: std::collections::HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .chain([("VOLUMED_HOST_ID".to_string(), "oma-1".to_string())])
+        .collect();
+    Config::load_with(None, &move |k| map.get(k).cloned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_verifies_the_broker_with_the_ca_and_presents_the_client_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_pki(dir.path());
+    let path = |f: &str| dir.path().join(f).display().to_string();
+
+    // With the CA and the client bundle: the TLS handshake completes (the
+    // server verified our certificate) and the AMQP protocol header
+    // arrives through the tunnel.
+    let server = TlsServer::start(dir.path());
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", server.port);
+    let cfg = config(&[
+        ("VOLUMED_AMQP_URL", url.clone()),
+        ("VOLUMED_AMQP_CA_FILE", path("ca.pem")),
+        ("VOLUMED_AMQP_CLIENT_CERT", path("client.p12")),
+        ("VOLUMED_AMQP_CLIENT_CERT_PASSWORD", "s3cret".into()),
+    ])
+    .expect("TLS settings load");
+    let shown = format!("{cfg:?}\n{}", cfg.render());
+    assert!(!shown.contains("s3cret"), "password shown: {shown}");
+    let connect = tokio::spawn(async move {
+        volumed::amqp::connect_with(&cfg.amqp_url, &cfg.amqp_tls, "tls-test").await
+    });
+    server.wait_for("AMQP");
+    let text = server.text();
+    assert!(
+        text.contains("CN = oma-1") || text.contains("CN=oma-1"),
+        "{text}"
+    );
+    connect.abort();
+    drop(server);
+
+    // Without the CA, the broker's certificate is refused.
+    let server = TlsServer::start(dir.path());
+    let url = SecretUrl::new(format!("amqps://guest:guest@localhost:{}/%2f", server.port));
+    let err = volumed::amqp::connect(&url, "tls-test")
+        .await
+        .expect_err("an unknown CA is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.to_lowercase().contains("certificate") || msg.contains("UnknownIssuer"),
+        "{msg}"
+    );
+    assert!(!server.text().contains("AMQP"), "nothing sent in clear");
+}
+
+#[test]
+fn tls_settings_are_checked_at_load() {
+    let err = config(&[
+        ("VOLUMED_AMQP_URL", "amqp://mq/%2f".into()),
+        ("VOLUMED_AMQP_CA_FILE", "/etc/hostname".into()),
+    ])
+    .expect_err("a CA file with amqp://");
+    assert!(format!("{err:#}").contains("amqps://"), "{err:#}");
+    let err = config(&[
+        ("VOLUMED_AMQP_URL", "amqps://mq/%2f".into()),
+        ("VOLUMED_AMQP_CA_FILE", "/nonexistent/ca.pem".into()),
+    ])
+    .expect_err("a missing CA file");
+    assert!(format!("{err:#}").contains("VOLUMED_AMQP_CA_FILE=/nonexistent/ca.pem"));
+    let err = config(&[
+        ("VOLUMED_AMQP_URL", "amqps://mq/%2f".into()),
+        ("VOLUMED_AMQP_CA_FILE", "/etc/hostname".into()),
+    ])
+    .expect_err("not PEM");
+    assert!(format!("{err:#}").contains("no PEM certificate"), "{err:#}");
+}
+
+#[tokio::test]
+async fn postgres_sslmode_is_honoured() {
+    let base = "postgres://postgres@127.0.0.1:5432/postgres";
+    // require: encrypted (the local server has TLS on, as Debian sets it up).
+    let pool = volumed::db::connect(&SecretUrl::new(format!("{base}?sslmode=require")), 1)
+        .await
+        .expect("TLS connection");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_ssl");
+    assert!(ssl, "sslmode=require gave a clear-text connection");
+    pool.close().await;
+    // disable: clear text.
+    let pool = volumed::db::connect(&SecretUrl::new(format!("{base}?sslmode=disable")), 1)
+        .await
+        .expect("plain connection");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_ssl");
+    assert!(!ssl);
+    pool.close().await;
+    // verify-full: the server's self-signed certificate is not trusted.
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        volumed::db::connect(&SecretUrl::new(format!("{base}?sslmode=verify-full")), 1),
+    )
+    .await
+    .expect("an answer");
+    assert!(r.is_err(), "an untrusted server certificate was accepted");
+}
