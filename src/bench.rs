@@ -72,6 +72,9 @@ pub struct Report {
     pub db_commits_per_operation: f64,
     pub daemon_idle_rss_mib: f64,
     pub daemon_peak_rss_mib: f64,
+    /// Mean time to reach each step of an operation from the previous one,
+    /// in ms, from the daemon's own metrics (`op/step`, in step order).
+    pub step_means_ms: Vec<(String, f64)>,
     /// Publish time and event time of each request, for plots.
     #[serde(skip)]
     pub samples: Vec<(Duration, Duration)>,
@@ -111,8 +114,67 @@ impl Report {
             self.daemon_idle_rss_mib,
             self.daemon_peak_rss_mib
         ));
+        if !self.step_means_ms.is_empty() {
+            out.push_str("mean time per step (ms):");
+            for (step, ms) in &self.step_means_ms {
+                out.push_str(&format!(" {step} {ms:.1};"));
+            }
+            out.push('\n');
+        }
         out
     }
+}
+
+/// Mean step durations from the metrics text: the `_sum` and `_count` of
+/// `volumed_operation_step_duration_seconds`, plus whole operations.
+fn step_means(text: &str) -> Vec<(String, f64)> {
+    let mut sums: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for line in text.lines() {
+        for (metric, prefix) in [
+            ("volumed_operation_step_duration_seconds", ""),
+            ("volumed_operation_duration_seconds", "whole "),
+        ] {
+            let Some(rest) = line.strip_prefix(metric) else {
+                continue;
+            };
+            let (is_sum, rest) = if let Some(r) = rest.strip_prefix("_sum{") {
+                (true, r)
+            } else if let Some(r) = rest.strip_prefix("_count{") {
+                (false, r)
+            } else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |k: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let key = format!(
+                "{prefix}{}/{}{}",
+                label("op"),
+                label("step"),
+                label("outcome")
+            );
+            let e = sums.entry(key).or_default();
+            if is_sum {
+                e.0 += v;
+            } else {
+                e.1 += v;
+            }
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, (_, n))| *n > 0.0)
+        .map(|(k, (sum, n))| (k, sum / n * 1000.0))
+        .collect()
 }
 
 fn figures(mut lat: Vec<Duration>, seconds: f64) -> Figures {
@@ -328,6 +390,10 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         .as_secs_f64();
     let commits_after = commits(&pool).await?;
     let (_, peak_rss) = rss(pid);
+    let step_means_ms = match reqwest::get(format!("http://{http}/metrics")).await {
+        Ok(r) => step_means(&r.text().await.unwrap_or_default()),
+        Err(_) => Vec::new(),
+    };
     let latencies: Vec<Duration> = done
         .iter()
         .map(|(id, at)| at.saturating_sub(published[id]))
@@ -381,6 +447,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         db_commits_per_operation: (commits_after - commits_before) as f64 / ops,
         daemon_idle_rss_mib: idle_rss,
         daemon_peak_rss_mib: peak_rss,
+        step_means_ms,
         samples,
     })
 }

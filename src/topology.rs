@@ -36,6 +36,38 @@ pub fn retry_queue(host: &str, delay: std::time::Duration) -> String {
     format!("{RETRY_EXCHANGE}.{}", retry_key(host, delay))
 }
 
+/// The RabbitMQ permissions (configure, write, read regular expressions) a
+/// daemon's broker user needs, and no more: its own queues, the four
+/// exchanges, and the default exchange (`amq.default`) for replies to a
+/// sender's `reply_to` queue. It cannot read, purge, delete or redeclare
+/// another host's queues. RabbitMQ's write permission names exchanges, not
+/// routing keys, so it can publish to `volumed.requests` (its retry queues
+/// dead-letter there, which needs write) and through the default exchange:
+/// hosts that must not be able to send each other requests need a vhost
+/// each. Checked against a real broker in `tests/security.rs`.
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl Permissions {
+    pub fn for_host(host: &str) -> Permissions {
+        // Host ids are [A-Za-z0-9._-]: only the dot needs escaping.
+        let h = host.replace('.', "\\.");
+        let own = format!("^volumed\\.(requests|dead)\\.{h}$|^volumed\\.retry\\.{h}\\.[^.]+$");
+        Permissions {
+            // Declaring: the exchanges and its own queues.
+            configure: format!("^volumed\\.(requests|events|dead|retry)$|{own}"),
+            // Publishing (events, dead letters, retries, replies) and
+            // binding its queues.
+            write: format!("^volumed\\.(requests|events|dead|retry)$|^amq\\.default$|{own}"),
+            // Consuming its queues and binding them to the exchanges.
+            read: format!("^volumed\\.(requests|dead|retry)$|{own}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
     Str(&'static str),
@@ -175,7 +207,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
-            .with_context(|| conflict_hint("exchange", x.name))?;
+            .map_err(|e| declare_error(e, "exchange", x.name))?;
         }
         for q in &self.queues {
             let mut args = FieldTable::default();
@@ -196,7 +228,7 @@ impl Topology {
                 args,
             )
             .await
-            .with_context(|| conflict_hint("queue", &q.name))?;
+            .map_err(|e| declare_error(e, "queue", &q.name))?;
         }
         for b in &self.bindings {
             ch.queue_bind(
@@ -254,12 +286,24 @@ impl Topology {
     }
 }
 
-fn conflict_hint(kind: &str, name: &str) -> String {
-    format!(
-        "declaring {kind} {name}: if the broker reports PRECONDITION_FAILED, an existing {kind} \
-         of that name has different settings; volumed never changes it: align the settings \
-         (e.g. VOLUMED_DELIVERY_LIMIT) or delete the {kind} after draining it"
-    )
+/// A declaration error with what the operator should do about it: a
+/// conflicting object (PRECONDITION_FAILED) or a missing permission
+/// (ACCESS_REFUSED) are both fixed outside volumed.
+fn declare_error(e: lapin::Error, kind: &str, name: &str) -> anyhow::Error {
+    let text = e.to_string();
+    let hint = if text.contains("ACCESS_REFUSED") {
+        "the broker user lacks a permission; `volumed topology permissions` prints what it needs"
+            .to_owned()
+    } else if text.contains("PRECONDITION_FAILED") {
+        format!(
+            "an existing {kind} of that name has different settings; volumed never changes \
+             it: align the settings (e.g. VOLUMED_DELIVERY_LIMIT) or delete the {kind} after \
+             draining it"
+        )
+    } else {
+        "the broker refused the declaration".to_owned()
+    };
+    anyhow::Error::new(e).context(format!("declaring {kind} {name}: {hint}"))
 }
 
 #[cfg(test)]

@@ -301,3 +301,88 @@ async fn postgres_sslmode_is_honoured() {
     .expect("an answer");
     assert!(r.is_err(), "an untrusted server certificate was accepted");
 }
+
+/// Removes a broker user when the test ends, even after a failure.
+struct BrokerUser(String);
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_works_with_a_broker_user_limited_to_its_own_queues() {
+    const HOST: &str = "oma-s.1";
+    let env = common::Env::new("perms").await;
+    let user = BrokerUser(format!("{}_user", env.name));
+    common::rabbitmqctl(&["add_user", &user.0, "pw"]);
+    let p = volumed::topology::Permissions::for_host(HOST);
+    common::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        &user.0,
+        &p.configure,
+        &p.write,
+        &p.read,
+    ]);
+    let url = format!("amqp://{}:pw@127.0.0.1:5672/{}", user.0, env.vhost);
+    // One transient failure: the retry path (publish to volumed.retry) is
+    // exercised too.
+    let _d = env.start(
+        HOST,
+        &[
+            ("VOLUMED_AMQP_URL", url.as_str()),
+            ("VOLUMED_FAILPOINTS", "local_backend_unavailable=fail:1"),
+            ("VOLUMED_RETRY_DELAYS", "100ms"),
+        ],
+    );
+    let client = env.client().await;
+    let mut events = client.subscribe("#").await.expect("subscribed");
+    let vol = env.create_volume(HOST);
+    let ev = client
+        .attach_and_wait(HOST, vol, env.appliance, true, common::WAIT)
+        .await
+        .expect("the reply arrives (amq.default)");
+    assert!(ev.event_type.succeeded(), "{ev:?}");
+    assert_eq!(ev.attempts, 2, "retried once");
+    events
+        .wait_for(ev.request_id, common::WAIT)
+        .await
+        .expect("published on volumed.events");
+    // A refused request reaches the dead-letter store.
+    client
+        .publish_raw(HOST, b"not json", Some(uuid::Uuid::new_v4()), None)
+        .await
+        .expect("published");
+    env.wait_count("SELECT count(*) FROM dead_letters", 1).await;
+
+    // The user can neither read nor delete another host's queue.
+    let other = volumed::topology::request_queue("oma-other");
+    let admin = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("guest");
+    let ch = admin.create_channel().await.expect("channel");
+    ch.queue_declare(&other, Default::default(), Default::default())
+        .await
+        .expect("declared");
+    let limited = volumed::amqp::connect(&SecretUrl::new(url), "test")
+        .await
+        .expect("the user connects");
+    let ch = limited.create_channel().await.expect("channel");
+    let err = ch
+        .basic_get(&other, Default::default())
+        .await
+        .expect_err("another host's queue is not readable");
+    assert!(format!("{err}").contains("ACCESS_REFUSED"), "{err}");
+    let ch = limited.create_channel().await.expect("channel");
+    let err = ch
+        .queue_delete(&other, Default::default())
+        .await
+        .expect_err("another host's queue cannot be deleted");
+    assert!(format!("{err}").contains("ACCESS_REFUSED"), "{err}");
+    client.close().await;
+}

@@ -458,14 +458,36 @@ impl Manager {
         let mut reload = false;
         for r in &batch {
             let result = match &r.change {
-                Change::Add(spec) => self.engine.write(spec).map(|needs| reload |= needs),
-                Change::Withdraw(name) => self.engine.withdraw(name),
+                Change::Add(spec) => self
+                    .engine
+                    .write_unsynced(spec)
+                    .map(|needs| reload |= needs),
+                Change::Withdraw(name) => self.engine.withdraw_unsynced(name),
             };
             outcomes.push(
                 result
                     .err()
                     .map(|e| Err(ExportError::Failed(e.to_string()))),
             );
+        }
+        // One directory sync for the batch. Without it a change is not
+        // known to survive a power cut, so none is reported done; an add
+        // reported failed must not stay served (the server already sees
+        // it), so it is taken back. That is best effort: the sync may fail
+        // again, and the reconciler reports what is left.
+        if let Err(e) = self.engine.sync() {
+            let msg = format!("cannot sync the export directory: {e}");
+            for (r, o) in batch.iter().zip(outcomes.iter_mut()) {
+                if o.is_some() {
+                    continue;
+                }
+                if let Change::Add(spec) = &r.change {
+                    if let Err(e) = self.engine.withdraw(&spec.name) {
+                        error!(export = %spec.name, cause = %e, "cannot undo an unsynced export");
+                    }
+                }
+                *o = Some(Err(ExportError::Failed(msg.clone())));
+            }
         }
         self.pending.changes += batch.len() as i64;
 
@@ -486,7 +508,13 @@ impl Manager {
         //    read, and another process may need the lock meanwhile (to
         //    restart a server that died, say).
         drop(lock);
+        let checks_started = Instant::now();
         let mut results = self.check_all(&batch, &outcomes).await;
+        debug!(
+            changes = batch.len(),
+            check_ms = checks_started.elapsed().as_millis() as u64,
+            "export batch applied and checked"
+        );
         let dead = self.server.pid().is_none();
         if dead && self.cfg.manage && results.iter().any(|r| matches!(r, Some(Err(_)))) {
             // The change crashed the server: restart it (which reads every
@@ -542,17 +570,21 @@ impl Manager {
         }
     }
 
-    /// Checks every change of a batch that has no outcome yet, four at a
+    /// Checks every change of a batch that has no outcome yet, a few at a
     /// time.
     async fn check_all(
         &self,
         batch: &[Request],
         outcomes: &[Option<Result<(), ExportError>>],
     ) -> Vec<Option<Result<(), ExportError>>> {
-        // A few at a time: nbd-server negotiates each connection before it
-        // forks, so dozens of simultaneous probes queue up behind each
-        // other and time out.
-        let few = tokio::sync::Semaphore::new(4);
+        // nbd-server negotiates each connection before it forks, so dozens
+        // of simultaneous probes queue up behind each other and time out:
+        // four at a time. nbdkit serves each connection on a thread of its
+        // own, and a wave's checks are most of an attach's time: 32.
+        let few = tokio::sync::Semaphore::new(match self.cfg.engine {
+            NbdEngineKind::NbdServer => 4,
+            NbdEngineKind::Nbdkit => 32,
+        });
         let few = &few;
         let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
             if o.is_some() {

@@ -191,6 +191,21 @@ pub trait Engine: Send + Sync + 'static {
     /// Refuses new connections to `name` at once and removes it from the
     /// configuration. Withdrawing an absent export does nothing.
     fn withdraw(&self, name: &ExportName) -> std::io::Result<()>;
+    /// Like [`Engine::write`], leaving the directory sync to a later
+    /// [`Engine::sync`], so a batch of changes costs one directory fsync.
+    /// The change is visible to the server at once either way.
+    fn write_unsynced(&self, spec: &ExportSpec) -> std::io::Result<bool> {
+        self.write(spec)
+    }
+    /// Like [`Engine::withdraw`], leaving the directory sync to
+    /// [`Engine::sync`].
+    fn withdraw_unsynced(&self, name: &ExportName) -> std::io::Result<()> {
+        self.withdraw(name)
+    }
+    /// Makes the changes made by the `_unsynced` calls durable.
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The exports in the configuration, with the path each serves.
     fn configured(&self) -> std::io::Result<Vec<(ExportName, PathBuf)>>;
     /// Makes the running server read added exports; `None` when the engine

@@ -71,6 +71,21 @@ impl Engine for Nbdkit {
     }
 
     fn write(&self, spec: &ExportSpec) -> std::io::Result<bool> {
+        let reload = self.write_unsynced(spec)?;
+        self.sync()?;
+        Ok(reload)
+    }
+
+    fn withdraw(&self, name: &ExportName) -> std::io::Result<()> {
+        self.withdraw_unsynced(name)?;
+        self.sync()
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        sync_dir(&self.dir)
+    }
+
+    fn write_unsynced(&self, spec: &ExportSpec) -> std::io::Result<bool> {
         let link = self.link(&spec.name);
         if std::fs::read_link(&link).ok().as_deref() == Some(spec.path.as_path()) {
             return Ok(false);
@@ -81,14 +96,11 @@ impl Engine for Nbdkit {
         remove_if_present(&tmp)?;
         std::os::unix::fs::symlink(&spec.path, &tmp)?;
         std::fs::rename(&tmp, &link)?;
-        sync_dir(&self.dir)?;
         Ok(false)
     }
 
-    fn withdraw(&self, name: &ExportName) -> std::io::Result<()> {
-        if remove_if_present(&self.link(name))? {
-            sync_dir(&self.dir)?;
-        }
+    fn withdraw_unsynced(&self, name: &ExportName) -> std::io::Result<()> {
+        remove_if_present(&self.link(name))?;
         Ok(())
     }
 
