@@ -515,6 +515,12 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
+        // With TLS built in, sqlx opens every connection with an SSLRequest
+        // (sslmode=prefer). A server or proxy that accepts and closes at
+        // once (a restart, a pooler whose backend is gone) shows up as a
+        // protocol error about that request rather than an I/O error: it is
+        // the database being away, not a bad statement.
+        sqlx::Error::Protocol(m) => m.contains("SSLRequest"),
         sqlx::Error::Database(db) => {
             // Class 08: connection exception; 57P01..57P03: admin shutdown,
             // crash shutdown, cannot connect now; 40001/40P01: retry.
@@ -691,4 +697,22 @@ pub async fn volume_view(
         "export": export,
         "operations": operations,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_connection_error;
+
+    #[test]
+    fn an_outage_is_told_from_a_bad_statement() {
+        // What sqlx reports when the server accepts and closes before
+        // answering the TLS request (seen through a cut proxy).
+        let refused_tls = sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        assert!(is_connection_error(&refused_tls));
+        assert!(is_connection_error(&sqlx::Error::PoolTimedOut));
+        assert!(!is_connection_error(&sqlx::Error::Protocol(
+            "unknown message type: 'x'".into()
+        )));
+        assert!(!is_connection_error(&sqlx::Error::RowNotFound));
+    }
 }
