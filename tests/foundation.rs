@@ -565,6 +565,28 @@ async fn sigterm_during_a_burst_exits_zero_and_loses_nothing() {
         .await
         .expect("count");
     assert_eq!(unsent, 0, "the outbox was flushed before exit");
+    // Work was in flight at the signal, and all of it finished: no journal
+    // row is left `running` (the only non-terminal state), so nothing the
+    // daemon had started was cut off.
+    let log = d.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("waiting for in-flight operations")),
+        "operations were in flight at SIGTERM; log:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("did not finish in time")),
+        "in-flight operations were cut off; log:\n{}",
+        log.join("\n")
+    );
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE state NOT IN ('succeeded', 'failed')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(running, 0, "an operation was left unfinished");
 
     // What was not taken is still queued; a new daemon finishes it.
     let mut d2 = env.start(HOST, &[]);
@@ -589,6 +611,74 @@ async fn sigterm_during_a_burst_exits_zero_and_loses_nothing() {
     assert_eq!(seen, ids, "every request exactly one event");
     assert_eq!(env.call_log(HOST).len(), 40);
     client.close().await;
+}
+
+/// A backend change that outlasts the shutdown timeout: SIGINT still stops
+/// the daemon promptly and with status 0, the unfinished request stays
+/// unacknowledged, and the next daemon finishes it with exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_with_a_slow_operation_exits_in_time_and_the_restart_finishes_it() {
+    let env = Env::new("sigint").await;
+    env.durable_event_queue("test.events").await;
+    let mut d = env.start(
+        HOST,
+        &[
+            ("VOLUMED_LOCAL_LATENCY_MS", "60000"),
+            ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let req = Outgoing::attach(HOST, vol, env.appliance, true);
+    client.publish(&req).await.expect("publish");
+    client.close().await;
+    let running = format!(
+        "SELECT count(*) FROM operations WHERE request_id = '{}' AND state = 'running'",
+        req.request_id
+    );
+    env.wait_count(&running, 1).await;
+
+    let signalled = std::time::Instant::now();
+    d.sigint();
+    let status = d.wait_exit(Duration::from_secs(30));
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log().join("\n")
+    );
+    // 1 s for the operations, at least 2 s for the outbox flush, then the
+    // export manager and the closes: far below the 60 s the change takes.
+    assert!(
+        took < Duration::from_secs(10),
+        "stopping took {took:?}; log:\n{}",
+        d.log().join("\n")
+    );
+    d.wait_log("did not finish in time", Duration::from_secs(1));
+    env.wait_count(&running, 1).await;
+    assert_eq!(
+        env.queue_depth(&topology::request_queue(HOST)).await,
+        1,
+        "the cut-off request was not acknowledged"
+    );
+
+    let mut d2 = env.start(HOST, &[]);
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM outbox WHERE request_id = '{}' AND sent_at IS NOT NULL",
+            req.request_id
+        ),
+        1,
+    )
+    .await;
+    stop(&mut d2);
+    let got = env.drain_queue("test.events").await;
+    assert_eq!(got.len(), 1, "exactly one event");
+    let ev: volumed::contract::Event =
+        serde_json::from_slice(&got[0].delivery.data).expect("event");
+    assert_eq!(ev.request_id, req.request_id);
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(env.call_log(HOST).len(), 1, "{:?}", env.call_log(HOST));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
