@@ -856,6 +856,33 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_is_woken_by_the_outbox_notification() {
+    let env = Env::new("notify").await;
+    // A poll once a day (the maximum): an event published within seconds
+    // can only have been woken by LISTEN/NOTIFY.
+    let d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "86400000")]);
+    // The relay's first look at the outbox happens when it connects; wait
+    // for it so the events below are committed after it.
+    d.wait_log("outbox relay connected", WAIT);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vol = env.create_volume(HOST);
+    // Two in a row: the relay goes back to waiting after each one.
+    for req in [
+        Outgoing::attach(HOST, vol, env.appliance, false),
+        Outgoing::detach(HOST, vol, None),
+    ] {
+        client.publish(&req).await.expect("publish");
+        let ev = sub
+            .wait_for(req.request_id, Duration::from_secs(5))
+            .await
+            .expect("event published on the notification");
+        assert!(ev.event_type.succeeded(), "{ev:?}");
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_reused_for_another_volume_is_dead_lettered() {
     let env = Env::new("reuse").await;
     let _d = env.start(HOST, &[]);
