@@ -882,6 +882,91 @@ async fn the_relay_is_woken_by_the_outbox_notification() {
     client.close().await;
 }
 
+/// The SQLSTATE of a failed statement (23505 is unique_violation) and the
+/// constraint it names.
+fn violation(r: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> (String, String) {
+    match r {
+        Ok(_) => ("no error".into(), String::new()),
+        Err(e) => match e.as_database_error() {
+            Some(d) => (
+                d.code().map(|c| c.into_owned()).unwrap_or_default(),
+                d.constraint().unwrap_or_default().to_owned(),
+            ),
+            None => (format!("not a database error: {e}"), String::new()),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumed_migrate_applies_the_schema_once_and_its_constraints_hold() {
+    let env = Env::new_unmigrated("migrate").await;
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count() as i64;
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT to_regclass('operations') IS NOT NULL")
+            .fetch_one(&env.pool)
+            .await
+            .expect("catalog")
+    };
+    assert!(!exists().await, "the database starts empty");
+    // On an empty database, then again on the migrated one: both succeed,
+    // and the second applies nothing.
+    for run in 1..=2 {
+        let out = env.cli(HOST, &["migrate"]);
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&env.pool)
+                .await
+                .expect("migration history");
+        assert_eq!(applied, shipped, "run {run}");
+    }
+
+    let attach = |volume: Uuid, vm: Uuid, device: Option<&'static str>| {
+        sqlx::query(
+            "INSERT INTO volume_attachments (volume_id, vm_id, host, device_path, stable_path, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(volume)
+        .bind(vm)
+        .bind(HOST)
+        .bind(device)
+        .bind(device.map(|d| format!("{d}-stable-{volume}")))
+        .bind(Uuid::new_v4())
+        .execute(&env.pool)
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    attach(a, env.appliance, Some("/dev/vdb"))
+        .await
+        .expect("first attachment");
+    // One attachment per volume, whichever VM the second names.
+    assert_eq!(
+        violation(attach(a, Uuid::new_v4(), None).await),
+        ("23505".into(), "volume_attachments_pkey".into())
+    );
+    // One volume per device path on a host.
+    assert_eq!(
+        violation(attach(b, env.appliance, Some("/dev/vdb")).await),
+        ("23505".into(), "volume_attachments_device".into())
+    );
+    // Volumes without a local device (failover attachments) do not collide.
+    attach(b, Uuid::new_v4(), None)
+        .await
+        .expect("failover attachment");
+    attach(Uuid::new_v4(), Uuid::new_v4(), None)
+        .await
+        .expect("second failover attachment");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_reused_for_another_volume_is_dead_lettered() {
     let env = Env::new("reuse").await;
