@@ -40,14 +40,20 @@ async fn attach_then_detach_reports_devices_and_removes_the_link() {
             .display()
             .to_string()
     );
-    let (vm, device): (Uuid, Option<String>) =
-        sqlx::query_as("SELECT vm_id, device_path FROM volume_attachments WHERE volume_id = $1")
-            .bind(vol)
-            .fetch_one(&env.pool)
-            .await
-            .expect("attachment row");
+    let attachment = || async {
+        sqlx::query_as::<_, (Uuid, Option<String>, Option<String>)>(
+            "SELECT vm_id, device_path, stable_path FROM volume_attachments WHERE volume_id = $1",
+        )
+        .bind(vol)
+        .fetch_one(&env.pool)
+        .await
+        .expect("attachment row")
+    };
+    let (vm, device, stable) = attachment().await;
     assert_eq!(vm, env.appliance);
     assert_eq!(device.as_deref(), Some(dev.path.as_str()));
+    // The stable path recorded is the by-id link, not the resolved device.
+    assert_eq!(stable, Some(link.display().to_string()));
 
     // Repeating the attach succeeds without a second backend call.
     let again = client
@@ -93,6 +99,11 @@ async fn attach_then_detach_reports_devices_and_removes_the_link() {
     assert_eq!(ev.event_type, EventType::AttachSucceeded);
     assert_eq!(ev.device, None);
     assert!(!exists(&link));
+    assert_eq!(
+        attachment().await,
+        (failover, None, None),
+        "a failover attachment records the VM and no device"
+    );
     let ev = client
         .request_and_wait(Outgoing::detach(HOST, vol, Some(env.appliance)), WAIT)
         .await
