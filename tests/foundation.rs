@@ -452,12 +452,32 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
 async fn the_outbox_keeps_events_while_the_broker_is_away() {
     let env = Env::new("outage").await;
     env.durable_event_queue("test.events").await;
+    // The daemon connects as a user of its own with a password found
+    // nowhere else, so the log can be searched for it; the outage takes
+    // that user's permissions away.
+    let user = common::BrokerUser(format!("{}_daemon", env.name));
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    common::rabbitmqctl(&["add_user", &user.0, &password]);
+    let grant = || {
+        common::rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &env.vhost,
+            &user.0,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+    };
+    grant();
+    let url = format!("amqp://{}:{password}@127.0.0.1:5672/{}", user.0, env.vhost);
     // A slow backend keeps the operations in flight while the broker goes.
     let mut d = env.start(
         HOST,
         &[
             ("VOLUMED_LOCAL_LATENCY_MS", "3000"),
             ("VOLUMED_WORKERS", "8"),
+            ("VOLUMED_AMQP_URL", &url),
         ],
     );
     let client = env.client().await;
@@ -474,7 +494,7 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
 
     // The broker goes away for this vhost: connections closed, and new ones
     // refused until permissions return.
-    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
+    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, &user.0]);
     common::rabbitmqctl(&[
         "close_all_connections",
         "--vhost",
@@ -492,15 +512,7 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
         .expect("count");
     assert_eq!(pending, 5, "nothing marked sent while the broker is away");
 
-    common::rabbitmqctl(&[
-        "set_permissions",
-        "-p",
-        &env.vhost,
-        "guest",
-        ".*",
-        ".*",
-        ".*",
-    ]);
+    grant();
     env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
         .await;
     // Requests whose ack was lost with the connection come back and are
@@ -549,6 +561,21 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
     ids.sort();
     assert_eq!(seen, ids, "each request exactly one event");
     assert_eq!(env.call_log(HOST).len(), 5, "no attach repeated");
+
+    // The reconnection failures name the broker, with the password masked,
+    // and the password itself never reaches the log.
+    let log = d.log();
+    let masked = format!("amqp://{}:****@127.0.0.1:5672/{}", user.0, env.vhost);
+    assert!(
+        log.iter().any(|l| l.contains(&masked)),
+        "no log line names the broker as {masked}; log:\n{}",
+        log.join("\n")
+    );
+    let leaks: Vec<&String> = log.iter().filter(|l| l.contains(&password)).collect();
+    assert!(
+        leaks.is_empty(),
+        "the broker password was logged: {leaks:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,6 +368,18 @@ impl Drop for Env {
     }
 }
 
+/// A broker user of one test (named after it, so unique), deleted when the
+/// test ends, even after a failure.
+pub struct BrokerUser(pub String);
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
 /// A running `volumed` process with its log captured line by line.
 pub struct Daemon {
     pub child: Child,
