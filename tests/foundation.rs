@@ -324,9 +324,54 @@ async fn a_crash_between_commit_and_ack_neither_repeats_nor_loses_anything() {
     client.close().await;
 }
 
-/// A refused message: body, message id, the reason expected in the dead
-/// letter, and the failed event expected (when the request can be named).
-type BadCase = (Vec<u8>, Option<Uuid>, ErrorCode, Option<EventType>);
+/// A refused message and what it must lead to.
+struct BadCase {
+    body: Vec<u8>,
+    /// The `message_id` property as published (not always a UUID).
+    message_id: Option<String>,
+    /// The reason expected in the dead letter.
+    reason: ErrorCode,
+    /// The failed event expected, when the request can be named.
+    event: Option<(Uuid, EventType)>,
+}
+
+/// Publishes a request with any `message_id` property, as a foreign client
+/// could (volumed's client only sends UUIDs), and waits for the confirm.
+async fn publish_with_message_id(env: &Env, body: &[u8], message_id: Option<&str>) {
+    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.into());
+    }
+    let confirm = ch
+        .basic_publish(
+            topology::REQUESTS_EXCHANGE,
+            HOST,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "routed"
+    );
+    let _ = conn.close(200, "done").await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving() {
@@ -335,62 +380,73 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
     let client = env.client().await;
     let mut sub = client.subscribe("#").await.expect("subscribe");
     let vol = Uuid::new_v4();
+    let vm = Uuid::new_v4();
 
-    // (body, message id, expected reason, expected failed event type)
-    let id = || Uuid::new_v4();
-    let cases: Vec<BadCase> = vec![
-        (
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    let case = |body, id: Option<Uuid>, reason, event: Option<EventType>| BadCase {
+        body,
+        message_id: id.map(|u| u.to_string()),
+        reason,
+        event: event.map(|t| (id.expect("an event needs a request id"), t)),
+    };
+    let id = Uuid::new_v4;
+    let (bad_rid, named_by_body) = (id(), id());
+    let mut cases: Vec<BadCase> = vec![
+        case(
             b"{not json".to_vec(),
             Some(id()),
             ErrorCode::MalformedBody,
             None,
         ),
-        (
-            json!({"op": "attach", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "attach", "volume_id": vol})),
             Some(id()),
             ErrorCode::MissingField,
             Some(EventType::AttachFailed),
         ),
-        (
-            json!({"op": "detach", "volume_id": "not-a-uuid"})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": "not-a-uuid"})),
             Some(id()),
             ErrorCode::InvalidField,
             Some(EventType::DetachFailed),
         ),
-        (
-            json!({"op": "format", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "format", "volume_id": vol})),
             Some(id()),
             ErrorCode::UnknownOp,
             None,
         ),
-        (
-            json!({"op": "detach", "volume_id": vol, "pad": "x".repeat(5000)})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": vol, "pad": "x".repeat(5000)})),
             Some(id()),
             ErrorCode::MessageTooLarge,
             None,
         ),
-        (
-            json!({"op": "detach", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": vol})),
             None,
             ErrorCode::MissingField,
             None,
         ),
+        // A request id in the body that is not a UUID: the message id
+        // still names the request.
+        case(
+            json(json!({"op": "attach", "request_id": "12345", "volume_id": vol, "vm_id": vm})),
+            Some(bad_rid),
+            ErrorCode::InvalidField,
+            Some(EventType::AttachFailed),
+        ),
     ];
-    for (body, mid, _, _) in &cases {
-        client
-            .publish_raw(HOST, body, *mid, None)
-            .await
-            .expect("publish");
+    // A message id that is not a UUID: refused even though the body is
+    // valid, and answered under the body's request id.
+    cases.push(BadCase {
+        body: json(json!({"op": "detach", "request_id": named_by_body, "volume_id": vol})),
+        message_id: Some("order-17".into()),
+        reason: ErrorCode::InvalidField,
+        event: Some((named_by_body, EventType::DetachFailed)),
+    });
+    for c in &cases {
+        publish_with_message_id(&env, &c.body, c.message_id.as_deref()).await;
     }
 
     // Every case is dead-lettered with its reason.
@@ -402,12 +458,12 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
             .fetch_all(&env.pool)
             .await
             .expect("dead letters");
-    for (i, (body, mid, code, _)) in cases.iter().enumerate() {
+    for (i, c) in cases.iter().enumerate() {
         let (_, _, reason, headers) = dead
             .iter()
-            .find(|(b, m, _, _)| b == body && *m == mid.map(|u| u.to_string()))
+            .find(|(b, m, _, _)| *b == c.body && *m == c.message_id)
             .unwrap_or_else(|| panic!("case {i} not dead-lettered"));
-        assert_eq!(reason, code.as_str(), "case {i}");
+        assert_eq!(reason, c.reason.as_str(), "case {i}");
         assert!(
             headers.get(volumed::consumer::ERROR_HEADER).is_some(),
             "case {i}"
@@ -415,27 +471,24 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
     }
 
     // Where the request could be named, a failed event with the code.
-    let with_events = cases.iter().filter(|c| c.3.is_some()).count();
+    let with_events = cases.iter().filter(|c| c.event.is_some()).count();
     let events = collect_events(&mut sub, with_events, Duration::from_millis(300)).await;
     assert_eq!(events.len(), with_events, "no event for an unnamed request");
-    for (_, mid, code, typ) in &cases {
-        let Some(typ) = typ else { continue };
-        let rid = mid.expect("cases with events have ids");
+    for c in &cases {
+        let Some((rid, typ)) = c.event else { continue };
         let evs = &events[&rid];
         assert_eq!(evs.len(), 1);
-        assert_eq!(evs[0].event_type, *typ);
-        assert_eq!(evs[0].error.as_ref().expect("error").code, *code);
+        assert_eq!(evs[0].event_type, typ);
+        assert_eq!(evs[0].error.as_ref().expect("error").code, c.reason);
     }
     // The refusals were logged once each, with the message id.
     let log = d.log();
-    for (_, mid, _, _) in &cases {
-        if let Some(mid) = mid {
-            let n = log
-                .iter()
-                .filter(|l| l.contains("refused a request") && l.contains(&mid.to_string()))
-                .count();
-            assert_eq!(n, 1, "logged once: {mid}");
-        }
+    for mid in cases.iter().filter_map(|c| c.message_id.as_deref()) {
+        let n = log
+            .iter()
+            .filter(|l| l.contains("refused a request") && l.contains(mid))
+            .count();
+        assert_eq!(n, 1, "logged once: {mid}");
     }
 
     // And the daemon still serves.
