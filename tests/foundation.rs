@@ -837,7 +837,7 @@ async fn topology_file_imports_and_a_conflicting_queue_stops_the_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
+async fn cli_attach_and_events_print_what_they_promise_and_config_check_masks_secrets() {
     let env = Env::new("cli").await;
     let _d = env.start(HOST, &[]);
     let out = env.cli(HOST, &["volume", "create", "--size", "1MiB"]);
@@ -885,6 +885,53 @@ async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
     let out = env.cli(HOST, &["volume", "delete", &vol]);
     assert!(out.status.success());
 
+    // `volumed events --json` follows the events, one JSON object a line;
+    // `volumed attach` without --wait prints only the request id.
+    let mut tail = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_volumed"))
+            .args(["events", "--json"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.daemon_env(HOST))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("volumed events starts"),
+    );
+    let stdout = lines_of(tail.0.stdout.take().expect("stdout"));
+    let stderr = lines_of(tail.0.stderr.take().expect("stderr"));
+    let said = stderr
+        .recv_timeout(WAIT)
+        .expect("events says it subscribed");
+    assert!(said.starts_with("subscribed to volumed.events"), "{said}");
+
+    let vol = env.create_volume(HOST);
+    let out = env.cli(HOST, &["attach", "--volume", &vol.to_string(), "--vm", &vm]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {printed:?}");
+    let request_id = Uuid::parse_str(lines[0]).expect("the line is a UUID");
+    assert_eq!(lines[0], request_id.hyphenated().to_string());
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM operations WHERE request_id = '{request_id}' AND state = 'succeeded'"
+        ),
+        1,
+    )
+    .await;
+
+    let line = stdout.recv_timeout(WAIT).expect("an event line");
+    let ev: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+    assert_eq!(ev["request_id"], request_id.to_string(), "{line}");
+    assert_eq!(ev["type"], "volume.attach.succeeded", "{line}");
+    assert_eq!(ev["volume_id"], vol.to_string(), "{line}");
+    drop(tail);
+
     let out = Command::new(env!("CARGO_BIN_EXE_volumed"))
         .args(["config", "check"])
         .env("VOLUMED_HOST_ID", "x")
@@ -901,6 +948,31 @@ async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
 }
 
 use std::process::Command;
+
+/// A child process killed when the test ends, even after a failure.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines of a pipe, as they come, so a test can wait for one with a
+/// deadline.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
