@@ -8,7 +8,12 @@
 # update, no restarts, only read-only checks. Prints one line per service.
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server postgresql nbdkit nbd-server libnbd-bin qemu-utils fonts-dejavu-core)
+# The build needs a C compiler and linker (the TLS crate `ring` compiles C,
+# and rustc links through `cc`) and pkg-config; tests/security.rs runs the
+# `openssl` command line for its certificates and stand-in TLS server. The
+# services, NBD servers and tools come after.
+PACKAGES=(build-essential pkg-config openssl
+          rabbitmq-server postgresql nbdkit nbd-server libnbd-bin qemu-utils fonts-dejavu-core)
 # Everything is reached over loopback TCP, as the daemon and the tests do.
 HOST=127.0.0.1
 PG_PORT=5432

@@ -40,14 +40,20 @@ async fn attach_then_detach_reports_devices_and_removes_the_link() {
             .display()
             .to_string()
     );
-    let (vm, device): (Uuid, Option<String>) =
-        sqlx::query_as("SELECT vm_id, device_path FROM volume_attachments WHERE volume_id = $1")
-            .bind(vol)
-            .fetch_one(&env.pool)
-            .await
-            .expect("attachment row");
+    let attachment = || async {
+        sqlx::query_as::<_, (Uuid, Option<String>, Option<String>)>(
+            "SELECT vm_id, device_path, stable_path FROM volume_attachments WHERE volume_id = $1",
+        )
+        .bind(vol)
+        .fetch_one(&env.pool)
+        .await
+        .expect("attachment row")
+    };
+    let (vm, device, stable) = attachment().await;
     assert_eq!(vm, env.appliance);
     assert_eq!(device.as_deref(), Some(dev.path.as_str()));
+    // The stable path recorded is the by-id link, not the resolved device.
+    assert_eq!(stable, Some(link.display().to_string()));
 
     // Repeating the attach succeeds without a second backend call.
     let again = client
@@ -93,6 +99,11 @@ async fn attach_then_detach_reports_devices_and_removes_the_link() {
     assert_eq!(ev.event_type, EventType::AttachSucceeded);
     assert_eq!(ev.device, None);
     assert!(!exists(&link));
+    assert_eq!(
+        attachment().await,
+        (failover, None, None),
+        "a failover attachment records the VM and no device"
+    );
     let ev = client
         .request_and_wait(Outgoing::detach(HOST, vol, Some(env.appliance)), WAIT)
         .await
@@ -313,9 +324,54 @@ async fn a_crash_between_commit_and_ack_neither_repeats_nor_loses_anything() {
     client.close().await;
 }
 
-/// A refused message: body, message id, the reason expected in the dead
-/// letter, and the failed event expected (when the request can be named).
-type BadCase = (Vec<u8>, Option<Uuid>, ErrorCode, Option<EventType>);
+/// A refused message and what it must lead to.
+struct BadCase {
+    body: Vec<u8>,
+    /// The `message_id` property as published (not always a UUID).
+    message_id: Option<String>,
+    /// The reason expected in the dead letter.
+    reason: ErrorCode,
+    /// The failed event expected, when the request can be named.
+    event: Option<(Uuid, EventType)>,
+}
+
+/// Publishes a request with any `message_id` property, as a foreign client
+/// could (volumed's client only sends UUIDs), and waits for the confirm.
+async fn publish_with_message_id(env: &Env, body: &[u8], message_id: Option<&str>) {
+    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.into());
+    }
+    let confirm = ch
+        .basic_publish(
+            topology::REQUESTS_EXCHANGE,
+            HOST,
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "routed"
+    );
+    let _ = conn.close(200, "done").await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving() {
@@ -324,62 +380,73 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
     let client = env.client().await;
     let mut sub = client.subscribe("#").await.expect("subscribe");
     let vol = Uuid::new_v4();
+    let vm = Uuid::new_v4();
 
-    // (body, message id, expected reason, expected failed event type)
-    let id = || Uuid::new_v4();
-    let cases: Vec<BadCase> = vec![
-        (
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    let case = |body, id: Option<Uuid>, reason, event: Option<EventType>| BadCase {
+        body,
+        message_id: id.map(|u| u.to_string()),
+        reason,
+        event: event.map(|t| (id.expect("an event needs a request id"), t)),
+    };
+    let id = Uuid::new_v4;
+    let (bad_rid, named_by_body) = (id(), id());
+    let mut cases: Vec<BadCase> = vec![
+        case(
             b"{not json".to_vec(),
             Some(id()),
             ErrorCode::MalformedBody,
             None,
         ),
-        (
-            json!({"op": "attach", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "attach", "volume_id": vol})),
             Some(id()),
             ErrorCode::MissingField,
             Some(EventType::AttachFailed),
         ),
-        (
-            json!({"op": "detach", "volume_id": "not-a-uuid"})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": "not-a-uuid"})),
             Some(id()),
             ErrorCode::InvalidField,
             Some(EventType::DetachFailed),
         ),
-        (
-            json!({"op": "format", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "format", "volume_id": vol})),
             Some(id()),
             ErrorCode::UnknownOp,
             None,
         ),
-        (
-            json!({"op": "detach", "volume_id": vol, "pad": "x".repeat(5000)})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": vol, "pad": "x".repeat(5000)})),
             Some(id()),
             ErrorCode::MessageTooLarge,
             None,
         ),
-        (
-            json!({"op": "detach", "volume_id": vol})
-                .to_string()
-                .into_bytes(),
+        case(
+            json(json!({"op": "detach", "volume_id": vol})),
             None,
             ErrorCode::MissingField,
             None,
         ),
+        // A request id in the body that is not a UUID: the message id
+        // still names the request.
+        case(
+            json(json!({"op": "attach", "request_id": "12345", "volume_id": vol, "vm_id": vm})),
+            Some(bad_rid),
+            ErrorCode::InvalidField,
+            Some(EventType::AttachFailed),
+        ),
     ];
-    for (body, mid, _, _) in &cases {
-        client
-            .publish_raw(HOST, body, *mid, None)
-            .await
-            .expect("publish");
+    // A message id that is not a UUID: refused even though the body is
+    // valid, and answered under the body's request id.
+    cases.push(BadCase {
+        body: json(json!({"op": "detach", "request_id": named_by_body, "volume_id": vol})),
+        message_id: Some("order-17".into()),
+        reason: ErrorCode::InvalidField,
+        event: Some((named_by_body, EventType::DetachFailed)),
+    });
+    for c in &cases {
+        publish_with_message_id(&env, &c.body, c.message_id.as_deref()).await;
     }
 
     // Every case is dead-lettered with its reason.
@@ -391,12 +458,12 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
             .fetch_all(&env.pool)
             .await
             .expect("dead letters");
-    for (i, (body, mid, code, _)) in cases.iter().enumerate() {
+    for (i, c) in cases.iter().enumerate() {
         let (_, _, reason, headers) = dead
             .iter()
-            .find(|(b, m, _, _)| b == body && *m == mid.map(|u| u.to_string()))
+            .find(|(b, m, _, _)| *b == c.body && *m == c.message_id)
             .unwrap_or_else(|| panic!("case {i} not dead-lettered"));
-        assert_eq!(reason, code.as_str(), "case {i}");
+        assert_eq!(reason, c.reason.as_str(), "case {i}");
         assert!(
             headers.get(volumed::consumer::ERROR_HEADER).is_some(),
             "case {i}"
@@ -404,27 +471,24 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
     }
 
     // Where the request could be named, a failed event with the code.
-    let with_events = cases.iter().filter(|c| c.3.is_some()).count();
+    let with_events = cases.iter().filter(|c| c.event.is_some()).count();
     let events = collect_events(&mut sub, with_events, Duration::from_millis(300)).await;
     assert_eq!(events.len(), with_events, "no event for an unnamed request");
-    for (_, mid, code, typ) in &cases {
-        let Some(typ) = typ else { continue };
-        let rid = mid.expect("cases with events have ids");
+    for c in &cases {
+        let Some((rid, typ)) = c.event else { continue };
         let evs = &events[&rid];
         assert_eq!(evs.len(), 1);
-        assert_eq!(evs[0].event_type, *typ);
-        assert_eq!(evs[0].error.as_ref().expect("error").code, *code);
+        assert_eq!(evs[0].event_type, typ);
+        assert_eq!(evs[0].error.as_ref().expect("error").code, c.reason);
     }
     // The refusals were logged once each, with the message id.
     let log = d.log();
-    for (_, mid, _, _) in &cases {
-        if let Some(mid) = mid {
-            let n = log
-                .iter()
-                .filter(|l| l.contains("refused a request") && l.contains(&mid.to_string()))
-                .count();
-            assert_eq!(n, 1, "logged once: {mid}");
-        }
+    for mid in cases.iter().filter_map(|c| c.message_id.as_deref()) {
+        let n = log
+            .iter()
+            .filter(|l| l.contains("refused a request") && l.contains(mid))
+            .count();
+        assert_eq!(n, 1, "logged once: {mid}");
     }
 
     // And the daemon still serves.
@@ -441,12 +505,32 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_keeps_serving
 async fn the_outbox_keeps_events_while_the_broker_is_away() {
     let env = Env::new("outage").await;
     env.durable_event_queue("test.events").await;
+    // The daemon connects as a user of its own with a password found
+    // nowhere else, so the log can be searched for it; the outage takes
+    // that user's permissions away.
+    let user = common::BrokerUser(format!("{}_daemon", env.name));
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    common::rabbitmqctl(&["add_user", &user.0, &password]);
+    let grant = || {
+        common::rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &env.vhost,
+            &user.0,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+    };
+    grant();
+    let url = format!("amqp://{}:{password}@127.0.0.1:5672/{}", user.0, env.vhost);
     // A slow backend keeps the operations in flight while the broker goes.
     let mut d = env.start(
         HOST,
         &[
             ("VOLUMED_LOCAL_LATENCY_MS", "3000"),
             ("VOLUMED_WORKERS", "8"),
+            ("VOLUMED_AMQP_URL", &url),
         ],
     );
     let client = env.client().await;
@@ -463,7 +547,7 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
 
     // The broker goes away for this vhost: connections closed, and new ones
     // refused until permissions return.
-    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
+    common::rabbitmqctl(&["clear_permissions", "-p", &env.vhost, &user.0]);
     common::rabbitmqctl(&[
         "close_all_connections",
         "--vhost",
@@ -481,15 +565,7 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
         .expect("count");
     assert_eq!(pending, 5, "nothing marked sent while the broker is away");
 
-    common::rabbitmqctl(&[
-        "set_permissions",
-        "-p",
-        &env.vhost,
-        "guest",
-        ".*",
-        ".*",
-        ".*",
-    ]);
+    grant();
     env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
         .await;
     // Requests whose ack was lost with the connection come back and are
@@ -538,6 +614,21 @@ async fn the_outbox_keeps_events_while_the_broker_is_away() {
     ids.sort();
     assert_eq!(seen, ids, "each request exactly one event");
     assert_eq!(env.call_log(HOST).len(), 5, "no attach repeated");
+
+    // The reconnection failures name the broker, with the password masked,
+    // and the password itself never reaches the log.
+    let log = d.log();
+    let masked = format!("amqp://{}:****@127.0.0.1:5672/{}", user.0, env.vhost);
+    assert!(
+        log.iter().any(|l| l.contains(&masked)),
+        "no log line names the broker as {masked}; log:\n{}",
+        log.join("\n")
+    );
+    let leaks: Vec<&String> = log.iter().filter(|l| l.contains(&password)).collect();
+    assert!(
+        leaks.is_empty(),
+        "the broker password was logged: {leaks:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,6 +656,28 @@ async fn sigterm_during_a_burst_exits_zero_and_loses_nothing() {
         .await
         .expect("count");
     assert_eq!(unsent, 0, "the outbox was flushed before exit");
+    // Work was in flight at the signal, and all of it finished: no journal
+    // row is left `running` (the only non-terminal state), so nothing the
+    // daemon had started was cut off.
+    let log = d.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("waiting for in-flight operations")),
+        "operations were in flight at SIGTERM; log:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("did not finish in time")),
+        "in-flight operations were cut off; log:\n{}",
+        log.join("\n")
+    );
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE state NOT IN ('succeeded', 'failed')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(running, 0, "an operation was left unfinished");
 
     // What was not taken is still queued; a new daemon finishes it.
     let mut d2 = env.start(HOST, &[]);
@@ -589,6 +702,74 @@ async fn sigterm_during_a_burst_exits_zero_and_loses_nothing() {
     assert_eq!(seen, ids, "every request exactly one event");
     assert_eq!(env.call_log(HOST).len(), 40);
     client.close().await;
+}
+
+/// A backend change that outlasts the shutdown timeout: SIGINT still stops
+/// the daemon promptly and with status 0, the unfinished request stays
+/// unacknowledged, and the next daemon finishes it with exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_with_a_slow_operation_exits_in_time_and_the_restart_finishes_it() {
+    let env = Env::new("sigint").await;
+    env.durable_event_queue("test.events").await;
+    let mut d = env.start(
+        HOST,
+        &[
+            ("VOLUMED_LOCAL_LATENCY_MS", "60000"),
+            ("VOLUMED_SHUTDOWN_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let req = Outgoing::attach(HOST, vol, env.appliance, true);
+    client.publish(&req).await.expect("publish");
+    client.close().await;
+    let running = format!(
+        "SELECT count(*) FROM operations WHERE request_id = '{}' AND state = 'running'",
+        req.request_id
+    );
+    env.wait_count(&running, 1).await;
+
+    let signalled = std::time::Instant::now();
+    d.sigint();
+    let status = d.wait_exit(Duration::from_secs(30));
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log().join("\n")
+    );
+    // 1 s for the operations, at least 2 s for the outbox flush, then the
+    // export manager and the closes: far below the 60 s the change takes.
+    assert!(
+        took < Duration::from_secs(10),
+        "stopping took {took:?}; log:\n{}",
+        d.log().join("\n")
+    );
+    d.wait_log("did not finish in time", Duration::from_secs(1));
+    env.wait_count(&running, 1).await;
+    assert_eq!(
+        env.queue_depth(&topology::request_queue(HOST)).await,
+        1,
+        "the cut-off request was not acknowledged"
+    );
+
+    let mut d2 = env.start(HOST, &[]);
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM outbox WHERE request_id = '{}' AND sent_at IS NOT NULL",
+            req.request_id
+        ),
+        1,
+    )
+    .await;
+    stop(&mut d2);
+    let got = env.drain_queue("test.events").await;
+    assert_eq!(got.len(), 1, "exactly one event");
+    let ev: volumed::contract::Event =
+        serde_json::from_slice(&got[0].delivery.data).expect("event");
+    assert_eq!(ev.request_id, req.request_id);
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(env.call_log(HOST).len(), 1, "{:?}", env.call_log(HOST));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,7 +837,7 @@ async fn topology_file_imports_and_a_conflicting_queue_stops_the_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
+async fn cli_attach_and_events_print_what_they_promise_and_config_check_masks_secrets() {
     let env = Env::new("cli").await;
     let _d = env.start(HOST, &[]);
     let out = env.cli(HOST, &["volume", "create", "--size", "1MiB"]);
@@ -704,6 +885,53 @@ async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
     let out = env.cli(HOST, &["volume", "delete", &vol]);
     assert!(out.status.success());
 
+    // `volumed events --json` follows the events, one JSON object a line;
+    // `volumed attach` without --wait prints only the request id.
+    let mut tail = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_volumed"))
+            .args(["events", "--json"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.daemon_env(HOST))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("volumed events starts"),
+    );
+    let stdout = lines_of(tail.0.stdout.take().expect("stdout"));
+    let stderr = lines_of(tail.0.stderr.take().expect("stderr"));
+    let said = stderr
+        .recv_timeout(WAIT)
+        .expect("events says it subscribed");
+    assert!(said.starts_with("subscribed to volumed.events"), "{said}");
+
+    let vol = env.create_volume(HOST);
+    let out = env.cli(HOST, &["attach", "--volume", &vol.to_string(), "--vm", &vm]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {printed:?}");
+    let request_id = Uuid::parse_str(lines[0]).expect("the line is a UUID");
+    assert_eq!(lines[0], request_id.hyphenated().to_string());
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM operations WHERE request_id = '{request_id}' AND state = 'succeeded'"
+        ),
+        1,
+    )
+    .await;
+
+    let line = stdout.recv_timeout(WAIT).expect("an event line");
+    let ev: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+    assert_eq!(ev["request_id"], request_id.to_string(), "{line}");
+    assert_eq!(ev["type"], "volume.attach.succeeded", "{line}");
+    assert_eq!(ev["volume_id"], vol.to_string(), "{line}");
+    drop(tail);
+
     let out = Command::new(env!("CARGO_BIN_EXE_volumed"))
         .args(["config", "check"])
         .env("VOLUMED_HOST_ID", "x")
@@ -720,6 +948,31 @@ async fn cli_attach_wait_prints_the_event_and_config_check_masks_secrets() {
 }
 
 use std::process::Command;
+
+/// A child process killed when the test ends, even after a failure.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines of a pipe, as they come, so a test can wait for one with a
+/// deadline.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
@@ -763,6 +1016,118 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
     env.wait_count("SELECT count(*) FROM outbox WHERE sent_at IS NULL", 0)
         .await;
     client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_is_woken_by_the_outbox_notification() {
+    let env = Env::new("notify").await;
+    // A poll once a day (the maximum): an event published within seconds
+    // can only have been woken by LISTEN/NOTIFY.
+    let d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "86400000")]);
+    // The relay's first look at the outbox happens when it connects; wait
+    // for it so the events below are committed after it.
+    d.wait_log("outbox relay connected", WAIT);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vol = env.create_volume(HOST);
+    // Two in a row: the relay goes back to waiting after each one.
+    for req in [
+        Outgoing::attach(HOST, vol, env.appliance, false),
+        Outgoing::detach(HOST, vol, None),
+    ] {
+        client.publish(&req).await.expect("publish");
+        let ev = sub
+            .wait_for(req.request_id, Duration::from_secs(5))
+            .await
+            .expect("event published on the notification");
+        assert!(ev.event_type.succeeded(), "{ev:?}");
+    }
+    client.close().await;
+}
+
+/// The SQLSTATE of a failed statement (23505 is unique_violation) and the
+/// constraint it names.
+fn violation(r: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> (String, String) {
+    match r {
+        Ok(_) => ("no error".into(), String::new()),
+        Err(e) => match e.as_database_error() {
+            Some(d) => (
+                d.code().map(|c| c.into_owned()).unwrap_or_default(),
+                d.constraint().unwrap_or_default().to_owned(),
+            ),
+            None => (format!("not a database error: {e}"), String::new()),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumed_migrate_applies_the_schema_once_and_its_constraints_hold() {
+    let env = Env::new_unmigrated("migrate").await;
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count() as i64;
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT to_regclass('operations') IS NOT NULL")
+            .fetch_one(&env.pool)
+            .await
+            .expect("catalog")
+    };
+    assert!(!exists().await, "the database starts empty");
+    // On an empty database, then again on the migrated one: both succeed,
+    // and the second applies nothing.
+    for run in 1..=2 {
+        let out = env.cli(HOST, &["migrate"]);
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&env.pool)
+                .await
+                .expect("migration history");
+        assert_eq!(applied, shipped, "run {run}");
+    }
+
+    let attach = |volume: Uuid, vm: Uuid, device: Option<&'static str>| {
+        sqlx::query(
+            "INSERT INTO volume_attachments (volume_id, vm_id, host, device_path, stable_path, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(volume)
+        .bind(vm)
+        .bind(HOST)
+        .bind(device)
+        .bind(device.map(|d| format!("{d}-stable-{volume}")))
+        .bind(Uuid::new_v4())
+        .execute(&env.pool)
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    attach(a, env.appliance, Some("/dev/vdb"))
+        .await
+        .expect("first attachment");
+    // One attachment per volume, whichever VM the second names.
+    assert_eq!(
+        violation(attach(a, Uuid::new_v4(), None).await),
+        ("23505".into(), "volume_attachments_pkey".into())
+    );
+    // One volume per device path on a host.
+    assert_eq!(
+        violation(attach(b, env.appliance, Some("/dev/vdb")).await),
+        ("23505".into(), "volume_attachments_device".into())
+    );
+    // Volumes without a local device (failover attachments) do not collide.
+    attach(b, Uuid::new_v4(), None)
+        .await
+        .expect("failover attachment");
+    attach(Uuid::new_v4(), Uuid::new_v4(), None)
+        .await
+        .expect("second failover attachment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

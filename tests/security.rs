@@ -302,22 +302,11 @@ async fn postgres_sslmode_is_honoured() {
     assert!(r.is_err(), "an untrusted server certificate was accepted");
 }
 
-/// Removes a broker user when the test ends, even after a failure.
-struct BrokerUser(String);
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_user", &self.0])
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_works_with_a_broker_user_limited_to_its_own_queues() {
     const HOST: &str = "oma-s.1";
     let env = common::Env::new("perms").await;
-    let user = BrokerUser(format!("{}_user", env.name));
+    let user = common::BrokerUser(format!("{}_user", env.name));
     common::rabbitmqctl(&["add_user", &user.0, "pw"]);
     let p = volumed::topology::Permissions::for_host(HOST);
     common::rabbitmqctl(&[

@@ -88,6 +88,16 @@ pub fn free_port() -> u16 {
 
 impl Env {
     pub async fn new(test: &str) -> Env {
+        Self::build(test, true).await
+    }
+
+    /// Like [`Env::new`] with an empty database: no migration applied, for
+    /// tests of `volumed migrate` itself.
+    pub async fn new_unmigrated(test: &str) -> Env {
+        Self::build(test, false).await
+    }
+
+    async fn build(test: &str, migrated: bool) -> Env {
         let name = format!("vt_{}_{}", test, &Uuid::new_v4().simple().to_string()[..8]);
         let vhost = name.clone();
         rabbitmqctl(&["add_vhost", &vhost]);
@@ -98,7 +108,9 @@ impl Env {
         let pool = volumed::db::connect(&db_url, 4)
             .await
             .expect("test database reachable");
-        volumed::db::migrate(&pool).await.expect("migrations apply");
+        if migrated {
+            volumed::db::migrate(&pool).await.expect("migrations apply");
+        }
         Env {
             name,
             vhost,
@@ -356,6 +368,18 @@ impl Drop for Env {
     }
 }
 
+/// A broker user of one test (named after it, so unique), deleted when the
+/// test ends, even after a failure.
+pub struct BrokerUser(pub String);
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
 /// A running `volumed` process with its log captured line by line.
 pub struct Daemon {
     pub child: Child,
@@ -414,8 +438,16 @@ impl Daemon {
     }
 
     pub fn sigterm(&self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    pub fn sigint(&self) {
+        self.signal(nix::sys::signal::Signal::SIGINT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        nix::sys::signal::kill(pid, sig).expect("signal");
     }
 
     /// Waits for the process to exit.
