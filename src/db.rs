@@ -119,8 +119,9 @@ pub async fn record_steps(pool: &PgPool, ids: &[Uuid], steps: &[&str]) -> Result
     Ok(())
 }
 
-/// Journals a transient failure whose request will be retried. The job of
-/// the failed attempt is forgotten: the retry starts over from a re-read.
+/// Journals a transient failure whose request will be retried, and adds
+/// it to the request's error history in the same statement. The job of the
+/// failed attempt is forgotten: the retry starts over from a re-read.
 pub async fn record_retry(
     pool: &PgPool,
     request_id: Uuid,
@@ -128,16 +129,46 @@ pub async fn record_retry(
     message: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE operations SET step = 'retry_scheduled', error_code = $2, error_message = $3,
-                cloud_job_id = NULL, updated_at = now()
-          WHERE request_id = $1 AND state = 'running'",
+        "WITH o AS (
+            UPDATE operations SET step = 'retry_scheduled', error_code = $2, error_message = $3,
+                   cloud_job_id = NULL, updated_at = now()
+             WHERE request_id = $1 AND state = 'running'
+         RETURNING request_id, generation, attempts)
+         INSERT INTO operation_errors (request_id, generation, attempt, code, message, retryable)
+         SELECT request_id, generation, attempts, $2, $3, $4 FROM o",
     )
     .bind(request_id)
     .bind(code.as_str())
     .bind(message)
+    .bind(code.retryable())
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// One error of a request's history.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct ErrorEntry {
+    pub generation: i32,
+    pub attempt: i32,
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// Every error a request met, oldest first, across its generations.
+pub async fn error_history(
+    pool: &PgPool,
+    request_id: Uuid,
+) -> Result<Vec<ErrorEntry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT generation, attempt, code, message, retryable, at FROM operation_errors
+          WHERE request_id = $1 ORDER BY id",
+    )
+    .bind(request_id)
+    .fetch_all(pool)
+    .await
 }
 
 /// Journals the backend job an operation started, before it is polled.
@@ -221,9 +252,10 @@ pub struct Finish<'a> {
     pub outgoing: Outgoing,
 }
 
-/// Writes the terminal state, the attachment change and the outbox event in
-/// one transaction, and wakes the relay. Returns false (and writes nothing)
-/// when the request was already terminal: its event already exists.
+/// Writes the terminal state (with its error in the error history), the
+/// attachment change and the outbox event in one transaction, and wakes the
+/// relay. Returns false (and writes nothing) when the request was already
+/// terminal: its event already exists.
 pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let state = if f.error.is_none() {
@@ -260,6 +292,28 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     if updated == 0 {
         tx.rollback().await?;
         return Ok(false);
+    }
+    if let Some((code, message)) = &f.error {
+        // The event's error says whether it may pass; an error without one
+        // falls back to its code's class.
+        let retryable = f
+            .outgoing
+            .event
+            .error
+            .as_ref()
+            .map_or(code.retryable(), |e| e.retryable);
+        sqlx::query(
+            "INSERT INTO operation_errors (request_id, generation, attempt, code, message,
+                                           retryable)
+             SELECT request_id, generation, attempts, $2, $3, $4 FROM operations
+              WHERE request_id = $1",
+        )
+        .bind(f.request_id)
+        .bind(code.as_str())
+        .bind(message)
+        .bind(retryable)
+        .execute(&mut *tx)
+        .await?;
     }
     apply_change(&mut tx, f.host, f.request_id, &f.change).await?;
     insert_outbox(&mut tx, &f.outgoing).await?;

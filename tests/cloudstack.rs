@@ -162,6 +162,11 @@ async fn twenty_volumes_on_four_vms_never_collide() {
         );
     }
     assert_eq!(emu.max_in_flight_per_vm(), 1, "one job per VM at a time");
+    assert!(
+        emu.max_in_flight_total() > 1,
+        "jobs of different VMs run in parallel: at most {} at once",
+        emu.max_in_flight_total()
+    );
     client.close().await;
 }
 
@@ -230,6 +235,9 @@ async fn failures_are_classified_and_judged_by_a_reread() {
         .await
         .expect("event");
     assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    // In the first attempt: the re-read made it a success, not a retry.
+    assert_eq!(ev.attempts, 1, "{ev:?}");
+    assert_eq!(attaches_of(&emu, vol), 1);
     emu.set_faults(Faults {
         late_success_jobs: Some(1),
         ..Default::default()
@@ -239,6 +247,14 @@ async fn failures_are_classified_and_judged_by_a_reread() {
         .await
         .expect("event");
     assert_eq!(ev.event_type, EventType::DetachSucceeded, "{ev:?}");
+    assert_eq!(ev.attempts, 1, "{ev:?}");
+    assert_eq!(
+        emu.calls()
+            .iter()
+            .filter(|c| c.command == "detachVolume" && c.volume_id == vol)
+            .count(),
+        1
+    );
 
     // A burst of 530s is retried through.
     emu.set_faults(Faults {
@@ -251,6 +267,7 @@ async fn failures_are_classified_and_judged_by_a_reread() {
         .await
         .expect("event");
     assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(ev.attempts, 1, "absorbed by the client's read retries");
     assert_eq!(attaches_of(&emu, vol), 1);
 
     // A 431 is reported at once and never retried.
@@ -269,6 +286,97 @@ async fn failures_are_classified_and_judged_by_a_reread() {
     assert!(!err.retryable);
     assert_eq!(attaches_of(&emu, vol), 0, "no retry after 431");
     assert_eq!(emu.attached_to(vol), None);
+    client.close().await;
+}
+
+/// The errors the journal recorded for a request: (attempt, code, message).
+async fn errors_of(env: &Env, request: Uuid) -> Vec<(i32, String, String)> {
+    sqlx::query_as(
+        "SELECT attempt, code, message FROM operation_errors WHERE request_id = $1 ORDER BY id",
+    )
+    .bind(request)
+    .fetch_all(&env.pool)
+    .await
+    .expect("error history")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_530_burst_and_a_job_that_never_finishes_are_retried_to_one_success() {
+    let env = Env::new("cs_retry").await;
+    let emu = emulator(&env, 50).await;
+    let d = start(
+        &env,
+        &emu,
+        &[
+            ("VOLUMED_CLOUDSTACK_JOB_TIMEOUT_SECS", "1"),
+            ("VOLUMED_RETRY_DELAYS", "100ms,200ms"),
+        ],
+    );
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let vm = Uuid::new_v4();
+    emu.create_vm(vm, "recovered");
+
+    // A job that never finishes: past the job timeout the volume is
+    // re-read, the job has done nothing, so the attempt fails transiently
+    // and its retry starts a new attach, which succeeds. One terminal
+    // event, no failed one before it.
+    emu.set_faults(Faults {
+        stuck_jobs: Some(1),
+        ..Default::default()
+    });
+    let vol = emu.create_volume(1 << 20).expect("volume");
+    let req = Outgoing::attach(HOST, vol, vm, true);
+    client.publish(&req).await.expect("publish");
+    let ev = sub.wait_for(req.request_id, WAIT).await.expect("event");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(ev.attempts, 2, "{ev:?}");
+    assert_eq!(attaches_of(&emu, vol), 2, "the stuck job, then the retry's");
+    assert_eq!(emu.attached_to(vol), Some(vm));
+    let errors = errors_of(&env, req.request_id).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (1, "backend_unavailable")
+    );
+    assert!(errors[0].2.contains("did not finish"), "{errors:?}");
+    let extra = sub.next(Duration::from_millis(500)).await.expect("stream");
+    assert!(extra.is_none(), "a second event: {extra:?}");
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM outbox WHERE request_id = '{}'",
+            req.request_id
+        ),
+        1,
+    )
+    .await;
+
+    // The start-up reconciliation (5 s after the start) reads the cloud
+    // too: once it is done, every injected 530 meets the request under test.
+    d.wait_log("reconciled: no drift", WAIT);
+
+    // Six 530s in a row, more than the client's four tries of a read: the
+    // first attempt fails transiently and comes back through the delay
+    // queue; the second meets the last two, tries again, and succeeds.
+    emu.set_faults(Faults {
+        http_530_calls: Some(6),
+        ..Default::default()
+    });
+    let vol = emu.create_volume(1 << 20).expect("volume");
+    let req = Outgoing::attach(HOST, vol, vm, true);
+    client.publish(&req).await.expect("publish");
+    let ev = sub.wait_for(req.request_id, WAIT).await.expect("event");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{ev:?}");
+    assert_eq!(ev.attempts, 2, "{ev:?}");
+    assert_eq!(emu.faults().http_530_calls, Some(0), "the burst is spent");
+    assert_eq!(attaches_of(&emu, vol), 1);
+    let errors = errors_of(&env, req.request_id).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (1, "backend_unavailable")
+    );
+    assert!(errors[0].2.contains("530"), "{errors:?}");
     client.close().await;
 }
 

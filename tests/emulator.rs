@@ -803,6 +803,7 @@ async fn admin_endpoints() {
         .admin(reqwest::Method::GET, "/admin/stats", None)
         .await;
     assert_eq!(stats["max_in_flight_per_vm"], 1);
+    assert_eq!(stats["max_in_flight_total"], 1);
     assert_eq!(stats["rejected_signatures"], 0);
     assert_eq!(stats["calls_by_command"]["attachVolume"], 1);
 }

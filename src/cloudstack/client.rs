@@ -458,6 +458,11 @@ mod tests {
             classify(533, "insufficient capacity"),
             ErrorClass::Transient
         );
+        assert_eq!(classify(534, "resource unavailable"), ErrorClass::Transient);
+        assert_eq!(classify(536, "resource in use"), ErrorClass::Transient);
+        for code in [531, 532, 537] {
+            assert_eq!(classify(code, "refused"), ErrorClass::Permanent, "{code}");
+        }
         assert_eq!(
             classify(530, "Unable to find volume"),
             ErrorClass::Permanent

@@ -328,6 +328,9 @@ struct Cloud {
     calls: Vec<Call>,
     in_flight: HashMap<Uuid, u32>,
     max_in_flight: u32,
+    /// The most attach/detach jobs ever in flight at once over all VMs:
+    /// above one proves that different VMs proceed in parallel.
+    max_in_flight_total: u32,
     calls_by_command: BTreeMap<String, u64>,
     rejected_signatures: u64,
 }
@@ -506,6 +509,8 @@ impl Cloud {
         let count = self.in_flight.entry(vm).or_default();
         *count += 1;
         self.max_in_flight = self.max_in_flight.max(*count);
+        let total = self.in_flight.values().sum::<u32>();
+        self.max_in_flight_total = self.max_in_flight_total.max(total);
         self.calls.push(Call {
             command: kind.command().to_string(),
             volume_id: volume,
@@ -592,6 +597,7 @@ impl Emulator {
             calls: Vec::new(),
             in_flight: HashMap::new(),
             max_in_flight: 0,
+            max_in_flight_total: 0,
             calls_by_command: BTreeMap::new(),
             rejected_signatures: 0,
         };
@@ -773,6 +779,11 @@ impl Emulator {
     /// The most attach/detach jobs ever in flight at once on one VM.
     pub fn max_in_flight_per_vm(&self) -> u32 {
         self.cloud().max_in_flight
+    }
+
+    /// The most attach/detach jobs ever in flight at once, all VMs together.
+    pub fn max_in_flight_total(&self) -> u32 {
+        self.cloud().max_in_flight_total
     }
 
     /// How many API requests failed the credential/signature check.
@@ -1282,6 +1293,7 @@ async fn admin_stats(State(emulator): State<Emulator>) -> Json<Value> {
     let cloud = emulator.cloud();
     Json(json!({
         "max_in_flight_per_vm": cloud.max_in_flight,
+        "max_in_flight_total": cloud.max_in_flight_total,
         "calls_by_command": cloud.calls_by_command,
         "rejected_signatures": cloud.rejected_signatures,
     }))
