@@ -3,9 +3,10 @@
 //! One task owns the engine, so changes inside this process are serialised
 //! by construction; an `flock` on the engine's lock file serialises them
 //! with other processes (a second daemon, an operator script). Changes that
-//! arrive together are applied as one batch: one lock hold, at most one
-//! reload, then a live check of each change through the NBD protocol, and
-//! each waiting operation gets its own outcome.
+//! arrive together are applied as one batch: one lock hold, one restart or
+//! reload (a reload that does not take is repeated, see
+//! [`Manager::make_visible`]), then a live check of each change through the
+//! NBD protocol, and each waiting operation gets its own outcome.
 //!
 //! The task also watches the server: a managed server that died is
 //! restarted, every recorded export is written again if it went missing and
@@ -615,7 +616,8 @@ impl Manager {
         }
         self.pending.changes += batch.len() as i64;
 
-        // 2. At most one reload for the whole batch.
+        // 2. One restart or reload for the whole batch (repeated only when
+        //    a reload does not take).
         if reload {
             let added: Vec<String> = batch
                 .iter()
