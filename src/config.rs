@@ -974,6 +974,9 @@ mod tests {
         assert_eq!(c.workers, 4);
         assert_eq!(c.device_dir, PathBuf::from("/dev/disk/by-id"));
         assert_eq!(c.prefetch(), 8);
+        assert_eq!(c.nbd.engine, NbdEngineKind::Nbdkit);
+        assert_eq!(c.nbd.listen, "127.0.0.1");
+        assert!(c.nbd.manage, "volumed runs its own NBD server by default");
     }
 
     #[test]

@@ -7,46 +7,13 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Env, WAIT};
+use common::{scrape, Env, WAIT};
 use uuid::Uuid;
 use volumed::client::{ClientError, EventFilter, Outgoing};
 use volumed::contract::EventType;
 use volumed::trace::TraceParent;
 
 const HOST: &str = "oma-o";
-
-/// Scrapes `/metrics` and parses it as Prometheus text: sample name with
-/// sorted labels → value.
-async fn scrape(port: u16) -> HashMap<String, f64> {
-    let resp = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("metrics endpoint answers");
-    assert_eq!(resp.status().as_u16(), 200);
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    let text = resp.text().await.expect("body");
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
-    let mut out = HashMap::new();
-    for s in scrape.samples {
-        let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        let value = match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or(0.0),
-            prometheus_parse::Value::Summary(_) => continue,
-        };
-        out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), value);
-    }
-    out
-}
 
 fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)

@@ -3,14 +3,16 @@
 //! One task owns the engine, so changes inside this process are serialised
 //! by construction; an `flock` on the engine's lock file serialises them
 //! with other processes (a second daemon, an operator script). Changes that
-//! arrive together are applied as one batch: one lock hold, at most one
-//! reload, then a live check of each change through the NBD protocol, and
-//! each waiting operation gets its own outcome.
+//! arrive together are applied as one batch: one lock hold, one restart or
+//! reload (a reload that does not take is repeated, see
+//! [`Manager::make_visible`]), then a live check of each change through the
+//! NBD protocol, and each waiting operation gets its own outcome.
 //!
 //! The task also watches the server: a managed server that died is
-//! restarted and every recorded export is checked again before the next
-//! batch; with nbd-server, sections the server still holds after a removal
-//! are dropped by a restart, done only while no client is connected.
+//! restarted, every recorded export is written again if it went missing and
+//! checked through the protocol, all before the next batch; with nbd-server,
+//! sections the server still holds after a removal are dropped by a
+//! restart, done only while no client is connected.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -62,6 +64,24 @@ enum Change {
     Withdraw(ExportName),
 }
 
+/// Why the manager makes sure the server runs; it decides what is done for
+/// the recorded exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// volumed starts. A recorded export missing from the configuration
+    /// may be one whose withdrawal was under way when volumed stopped: it
+    /// is reported, not written back.
+    Startup,
+    /// volumed stopped an idle server on purpose (to add exports or drop
+    /// stale sections); the configuration it restarts on is the one just
+    /// changed under the lock, so one listing reports on it.
+    Planned,
+    /// The server was found dead. Every export the database records is
+    /// made served again before the next change: written back if missing
+    /// (unless this manager withdrew it) and checked one by one.
+    Crash,
+}
+
 struct Request {
     change: Change,
     reply: oneshot::Sender<Result<(), ExportError>>,
@@ -109,6 +129,7 @@ impl Exports {
             pool,
             pending: NbdStats::default(),
             health,
+            withdrawn: HashSet::new(),
         };
         let task = tokio::spawn(manager.run(rx, stop));
         (handle, task)
@@ -171,6 +192,11 @@ struct Manager {
     /// Counters not yet written to the database.
     pending: NbdStats,
     health: Arc<Health>,
+    /// Recorded exports this manager took out of the configuration on
+    /// purpose (withdrawn, an add undone, or found missing at start-up):
+    /// a detach keeps its row until the backend has detached, and a
+    /// recovery after a crash must not serve such an export again.
+    withdrawn: HashSet<String>,
 }
 
 impl Manager {
@@ -178,7 +204,7 @@ impl Manager {
         // Nothing is changed before the server runs and the recorded exports
         // are in place.
         loop {
-            match self.recover(true).await {
+            match self.recover(Recovery::Startup).await {
                 Ok(()) => {
                     self.health.set_nbd(true);
                     break;
@@ -266,37 +292,63 @@ impl Manager {
         .context("lock task failed")?
     }
 
-    /// Makes sure the server runs and holds every recorded export.
-    /// `restore` (at start-up only) rewrites recorded exports missing from
-    /// the configuration; later, a withdrawal may be in progress and the
-    /// configuration is the truth.
-    async fn recover(&mut self, restore: bool) -> Result<()> {
+    /// Makes sure the server runs and holds every recorded export; what is
+    /// done for the recorded exports depends on `why` (see [`Recovery`]).
+    async fn recover(&mut self, why: Recovery) -> Result<()> {
         let _lock = self.lock().await?;
-        self.recover_locked(restore).await
+        self.recover_locked(why).await
     }
 
     /// [`Manager::recover`] with the lock already held.
-    async fn recover_locked(&mut self, restore: bool) -> Result<()> {
+    async fn recover_locked(&mut self, why: Recovery) -> Result<()> {
         self.engine.prepare()?;
         let rows = db::exports(&self.pool, Some(&self.host)).await?;
         let rows: Vec<_> = rows
             .into_iter()
             .filter(|r| r.engine == self.cfg.engine.as_str())
             .collect();
-        let configured: HashSet<String> = self
+        let recorded: HashSet<&str> = rows.iter().map(|r| r.export_name.as_str()).collect();
+        // A name whose row is gone needs no more remembering.
+        self.withdrawn.retain(|n| recorded.contains(n.as_str()));
+        let mut configured: HashSet<String> = self
             .engine
             .configured()?
             .into_iter()
             .map(|(n, _)| n.to_string())
             .collect();
-        if restore {
-            // The configuration is the truth for what is served: a recorded
-            // export missing from it may be one whose withdrawal was under
-            // way when volumed stopped, so it is reported, not rewritten.
-            for row in rows.iter().filter(|r| !configured.contains(&r.export_name)) {
-                warn!(export = %row.export_name, volume.id = %row.volume_id,
-                      "recorded export is missing from the NBD configuration");
+        let missing = rows.iter().filter(|r| !configured.contains(&r.export_name));
+        match why {
+            Recovery::Startup => {
+                for row in missing {
+                    warn!(export = %row.export_name, volume.id = %row.volume_id,
+                          "recorded export is missing from the NBD configuration");
+                    self.withdrawn.insert(row.export_name.clone());
+                }
             }
+            Recovery::Crash => {
+                // Written before the server starts, so it reads them.
+                let lost: Vec<_> = missing
+                    .filter(|r| !self.withdrawn.contains(&r.export_name))
+                    .collect();
+                for row in &lost {
+                    match self.rewrite(row) {
+                        Ok(()) => {
+                            warn!(export = %row.export_name, volume.id = %row.volume_id,
+                                  "recorded export was missing from the NBD configuration; \
+                                   written again");
+                            configured.insert(row.export_name.clone());
+                        }
+                        Err(e) => {
+                            error!(export = %row.export_name, volume.id = %row.volume_id,
+                                   cause = %e, "cannot write a recorded export again")
+                        }
+                    }
+                }
+                if !lost.is_empty() {
+                    self.engine.sync()?;
+                }
+            }
+            Recovery::Planned => {}
         }
         let pid = match (self.server.pid(), self.cfg.manage) {
             (Some(pid), _) => {
@@ -319,11 +371,32 @@ impl Manager {
             exports = serving.len(),
             "NBD server serving"
         );
-        // One listing for all recorded exports: this is a report (a
-        // withdrawal may have been under way), and a probe per export would
-        // hold up every change behind it on a server with many exports.
-        // With TLS required the listing is empty; each export's own check
-        // happens when it is next changed.
+        if why == Recovery::Crash {
+            // Each export checked (listed and opened), a few at a time,
+            // before the batch that waits for this recovery proceeds. An
+            // export that still fails is reported and left to the
+            // reconciler: holding every change back for one broken device
+            // would stop the host.
+            let expected: Vec<&str> = rows
+                .iter()
+                .map(|r| r.export_name.as_str())
+                .filter(|n| configured.contains(*n))
+                .collect();
+            let failed = self.check_names(&expected).await;
+            for (name, why) in &failed {
+                error!(export = %name, cause = %why,
+                       "recorded export is not served after the NBD server restart");
+            }
+            info!(host = %self.host, exports = expected.len(), failed = failed.len(),
+                  "recorded exports checked after the NBD server restart");
+            return Ok(());
+        }
+        // Otherwise one listing for all recorded exports: at start-up this
+        // is a report (a withdrawal may have been under way), and after a
+        // planned restart of a server on the configuration just written, a
+        // probe per export would hold up every change behind it on a server
+        // with many exports. With TLS required the built-in client gets no
+        // listing; each export's own check happens when it is next changed.
         for row in rows.iter().filter(|r| !serving.contains(&r.export_name)) {
             if self.cfg.tls_psk.is_none() {
                 warn!(export = %row.export_name, volume.id = %row.volume_id,
@@ -331,6 +404,50 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// Writes a recorded export back into the configuration, validated as
+    /// any new one is.
+    fn rewrite(&self, row: &db::ExportRow) -> Result<()> {
+        let spec = ExportSpec {
+            name: ExportName::parse(&row.export_name)?,
+            volume: row.volume_id,
+            path: row.stable_path.clone().into(),
+        };
+        spec.validate()?;
+        self.engine.write_unsynced(&spec)?;
+        Ok(())
+    }
+
+    /// Checks that each of `names` is served, a few at a time; returns the
+    /// ones that are not, with why.
+    async fn check_names(&self, names: &[&str]) -> Vec<(String, String)> {
+        let few = tokio::sync::Semaphore::new(self.check_concurrency());
+        let few = &few;
+        let checks = names.iter().map(|name| async move {
+            let _turn = few.acquire().await.ok();
+            self.check_served(name)
+                .await
+                .err()
+                .map(|why| (name.to_string(), why))
+        });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// How many live checks run at once. nbd-server negotiates each
+    /// connection before it forks, so dozens of simultaneous probes queue
+    /// up behind each other and time out: four at a time. nbdkit serves
+    /// each connection on a thread of its own, and a wave's checks are
+    /// most of an attach's time: 32.
+    fn check_concurrency(&self) -> usize {
+        match self.cfg.engine {
+            NbdEngineKind::NbdServer => 4,
+            NbdEngineKind::Nbdkit => 32,
+        }
     }
 
     /// An adopted server may lack exports written while nobody watched it
@@ -404,7 +521,7 @@ impl Manager {
                 error!(host = %self.host, engine = self.cfg.engine.as_str(),
                        "NBD server is gone; restarting it");
                 self.pending.crashes += 1;
-                if let Err(e) = self.recover(false).await {
+                if let Err(e) = self.recover(Recovery::Crash).await {
                     error!(cause = %format!("{e:#}"), "NBD server restart failed; will retry");
                 }
             }
@@ -426,7 +543,7 @@ impl Manager {
         }
         info!(stale = ?stale, "restarting the idle NBD server to drop removed exports");
         self.server.stop(IDLE_STOP).await;
-        if let Err(e) = self.recover(false).await {
+        if let Err(e) = self.recover(Recovery::Planned).await {
             error!(cause = %format!("{e:#}"), "NBD server restart failed; will retry");
         }
     }
@@ -444,7 +561,7 @@ impl Manager {
         };
         if self.server.pid().is_none() && self.cfg.manage {
             self.pending.crashes += 1;
-            if let Err(e) = self.recover_locked(false).await {
+            if let Err(e) = self.recover_locked(Recovery::Crash).await {
                 let msg = format!("the NBD server is down and cannot be restarted: {e:#}");
                 for r in batch {
                     let _ = r.reply.send(Err(ExportError::Failed(msg.clone())));
@@ -458,11 +575,18 @@ impl Manager {
         let mut reload = false;
         for r in &batch {
             let result = match &r.change {
-                Change::Add(spec) => self
-                    .engine
-                    .write_unsynced(spec)
-                    .map(|needs| reload |= needs),
-                Change::Withdraw(name) => self.engine.withdraw_unsynced(name),
+                Change::Add(spec) => {
+                    self.withdrawn.remove(spec.name.as_str());
+                    self.engine
+                        .write_unsynced(spec)
+                        .map(|needs| reload |= needs)
+                }
+                Change::Withdraw(name) => {
+                    // Even a withdrawal that fails half-way was asked for:
+                    // never served again by a recovery.
+                    self.withdrawn.insert(name.to_string());
+                    self.engine.withdraw_unsynced(name)
+                }
             };
             outcomes.push(
                 result
@@ -482,6 +606,7 @@ impl Manager {
                     continue;
                 }
                 if let Change::Add(spec) = &r.change {
+                    self.withdrawn.insert(spec.name.to_string());
                     if let Err(e) = self.engine.withdraw(&spec.name) {
                         error!(export = %spec.name, cause = %e, "cannot undo an unsynced export");
                     }
@@ -491,7 +616,8 @@ impl Manager {
         }
         self.pending.changes += batch.len() as i64;
 
-        // 2. At most one reload for the whole batch.
+        // 2. One restart or reload for the whole batch (repeated only when
+        //    a reload does not take).
         if reload {
             let added: Vec<String> = batch
                 .iter()
@@ -521,7 +647,7 @@ impl Manager {
             // section) and check again what failed.
             warn!(host = %self.host, "NBD server died during the change; recovering");
             self.pending.crashes += 1;
-            match self.recover(false).await {
+            match self.recover(Recovery::Crash).await {
                 Ok(()) => {
                     let retry: Vec<Option<Result<(), ExportError>>> = results
                         .iter()
@@ -554,6 +680,7 @@ impl Manager {
             match self.lock().await {
                 Ok(_lock) => {
                     for name in undo {
+                        self.withdrawn.insert(name.to_string());
                         if let Err(e) = self.engine.withdraw(name) {
                             error!(export = %name, cause = %e, "cannot undo a failed export");
                         }
@@ -577,14 +704,7 @@ impl Manager {
         batch: &[Request],
         outcomes: &[Option<Result<(), ExportError>>],
     ) -> Vec<Option<Result<(), ExportError>>> {
-        // nbd-server negotiates each connection before it forks, so dozens
-        // of simultaneous probes queue up behind each other and time out:
-        // four at a time. nbdkit serves each connection on a thread of its
-        // own, and a wave's checks are most of an attach's time: 32.
-        let few = tokio::sync::Semaphore::new(match self.cfg.engine {
-            NbdEngineKind::NbdServer => 4,
-            NbdEngineKind::Nbdkit => 32,
-        });
+        let few = tokio::sync::Semaphore::new(self.check_concurrency());
         let few = &few;
         let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
             if o.is_some() {
@@ -618,7 +738,7 @@ impl Manager {
             let Some(pid) = self.server.pid() else {
                 if self.cfg.manage {
                     self.pending.crashes += 1;
-                    if let Err(e) = self.recover_locked(false).await {
+                    if let Err(e) = self.recover_locked(Recovery::Crash).await {
                         error!(cause = %format!("{e:#}"), "NBD server restart failed");
                     }
                 }
@@ -627,7 +747,7 @@ impl Manager {
             if self.cfg.manage && process::children(pid).is_empty() {
                 info!(host = %self.host, changes, "no client connected: restarting nbd-server to add exports");
                 self.server.stop(IDLE_STOP).await;
-                if let Err(e) = self.recover_locked(false).await {
+                if let Err(e) = self.recover_locked(Recovery::Planned).await {
                     error!(cause = %format!("{e:#}"), "NBD server restart failed");
                 }
                 return;

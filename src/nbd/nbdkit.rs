@@ -4,6 +4,7 @@
 //! rename (atomic); withdrawing it is an unlink, after which new connections
 //! are refused at once. There is no reload.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -31,6 +32,26 @@ impl Nbdkit {
     fn link(&self, name: &ExportName) -> PathBuf {
         self.dir.join(name.as_str())
     }
+
+    /// nbdkit's arguments: bound to the listen address only (`-i`), since
+    /// nbdkit's own default is every address, TLS when a key file is set.
+    fn server_args(&self, pidfile: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "--port".into(),
+            self.port.to_string().into(),
+            "-i".into(),
+            self.listen.clone().into(),
+            "--pidfile".into(),
+            pidfile.into(),
+        ];
+        if let Some(psk) = &self.tls_psk {
+            a.push("--tls=require".into());
+            a.push(format!("--tls-psk={}", psk.display()).into());
+        }
+        a.push("file".into());
+        a.push(format!("dir={}", self.dir.display()).into());
+        a
+    }
 }
 
 impl Engine for Nbdkit {
@@ -56,17 +77,7 @@ impl Engine for Nbdkit {
 
     fn server_command(&self, pidfile: &Path) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("nbdkit");
-        c.arg("--port")
-            .arg(self.port.to_string())
-            .arg("-i")
-            .arg(&self.listen)
-            .arg("--pidfile")
-            .arg(pidfile);
-        if let Some(psk) = &self.tls_psk {
-            c.arg("--tls=require")
-                .arg(format!("--tls-psk={}", psk.display()));
-        }
-        c.arg("file").arg(format!("dir={}", self.dir.display()));
+        c.args(self.server_args(pidfile));
         c
     }
 
@@ -132,5 +143,63 @@ impl Engine for Nbdkit {
 
     fn stale(&self) -> Vec<String> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn cfg(listen: &str, tls_psk: Option<PathBuf>) -> NbdConfig {
+        NbdConfig {
+            engine: NbdEngineKind::Nbdkit,
+            config: PathBuf::from("/var/lib/volumed/exports"),
+            port: 10809,
+            listen: listen.into(),
+            allow: Vec::new(),
+            manage: true,
+            pidfile: PathBuf::from("/run/nbdkit.pid"),
+            tls_psk,
+            batch_window: Duration::ZERO,
+            check_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn args(cfg: &NbdConfig) -> Vec<String> {
+        Nbdkit::new(cfg)
+            .server_args(&cfg.pidfile)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_server_listens_only_on_the_configured_address() {
+        for listen in ["127.0.0.1", "::1", "10.1.2.3"] {
+            let a = args(&cfg(listen, None));
+            let i = a.iter().position(|x| x == "-i").expect("-i given");
+            assert_eq!(a.get(i + 1).map(String::as_str), Some(listen), "{a:?}");
+            assert!(!a.iter().any(|x| x.starts_with("--tls")), "{a:?}");
+            // The plugin and its directory come last: nbdkit reads server
+            // options only before the plugin name.
+            assert_eq!(
+                a[a.len() - 2..],
+                [
+                    "file".to_string(),
+                    "dir=/var/lib/volumed/exports".to_string()
+                ]
+            );
+        }
+        let a = args(&cfg("127.0.0.1", Some(PathBuf::from("/etc/volumed/psk"))));
+        let plugin = a.iter().position(|x| x == "file").expect("plugin");
+        let tls = a.iter().position(|x| x == "--tls=require").expect("tls");
+        assert!(tls < plugin, "{a:?}");
+        assert!(
+            a.contains(&"--tls-psk=/etc/volumed/psk".to_string()),
+            "{a:?}"
+        );
     }
 }

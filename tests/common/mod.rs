@@ -594,3 +594,36 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap_or_default())
 }
+
+/// Scrapes `/metrics` and parses it as Prometheus text: sample name with
+/// sorted labels → value.
+pub async fn scrape(port: u16) -> HashMap<String, f64> {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics endpoint answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let text = resp.text().await.expect("body");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let mut out = HashMap::new();
+    for s in scrape.samples {
+        let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or(0.0),
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), value);
+    }
+    out
+}
