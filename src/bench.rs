@@ -503,8 +503,14 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(&inq, declare, FieldTable::default())
-        .await?;
+    // The input is a quorum queue like the daemon's request queue: the
+    // floor must pay what the daemon pays for each delivery it takes.
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(&inq, declare, quorum).await?;
     ch.queue_declare(&outq, declare, FieldTable::default())
         .await?;
     let prefetch = (plan.workers * 2) as u16;

@@ -282,7 +282,15 @@ impl Engine for NbdServer {
 
     fn withdraw(&self, name: &ExportName) -> std::io::Result<()> {
         let auth = self.authfile(name.as_str());
-        // Emptied, not removed: the server may still hold the section.
+        let section = self.section_file(name);
+        // Already withdrawn and cleaned up by a restart (a repeated detach,
+        // say): an authfile written now would outlive every restart, since
+        // only a stale section makes the idle restart happen.
+        if !section.exists() && !auth.exists() && !self.loaded().contains(name.as_str()) {
+            return Ok(());
+        }
+        // Emptied, not removed: the server may still hold the section, and
+        // nbd-server lets everyone in when an authfile cannot be opened.
         write_atomic(&auth, b"")?;
         if remove_if_present(&self.section_file(name))? {
             sync_dir(&self.include_dir)?;
@@ -448,5 +456,10 @@ mod tests {
         e.started(&[]);
         assert!(!auth.exists(), "dropped once the server restarted");
         assert!(e.stale().is_empty());
+        e.withdraw(&spec.name).expect("withdraw again");
+        assert!(
+            !auth.exists(),
+            "a second withdrawal after the restart leaves nothing behind"
+        );
     }
 }
