@@ -190,6 +190,10 @@ pub struct Config {
     pub amqp_url: SecretUrl,
     pub amqp_tls: AmqpTls,
     pub database_url: SecretUrl,
+    /// Whether `volumed run` applies the migrations at start-up; when not,
+    /// it only checks that they were applied (`volumed migrate`), so its
+    /// database role needs no right to change the schema.
+    pub database_migrate: bool,
     pub backend: BackendKind,
     pub data_dir: PathBuf,
     pub device_dir: PathBuf,
@@ -331,6 +335,7 @@ struct FileConfig {
     amqp_client_cert: Option<PathBuf>,
     amqp_client_cert_password: Option<String>,
     database_url: Option<String>,
+    database_migrate: Option<bool>,
     backend: Option<String>,
     data_dir: Option<PathBuf>,
     device_dir: Option<PathBuf>,
@@ -384,6 +389,7 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_AMQP_CLIENT_CERT",
     "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
     "VOLUMED_DATABASE_URL",
+    "VOLUMED_DATABASE_MIGRATE",
     "VOLUMED_BACKEND",
     "VOLUMED_DATA_DIR",
     "VOLUMED_DEVICE_DIR",
@@ -559,6 +565,8 @@ impl Config {
             &["postgres", "postgresql"],
         )?;
 
+        let database_migrate = flag("VOLUMED_DATABASE_MIGRATE", file.database_migrate, true)?;
+
         let data_dir = s("VOLUMED_DATA_DIR", None)
             .map(PathBuf::from)
             .or(file.data_dir)
@@ -730,6 +738,7 @@ impl Config {
             amqp_url,
             amqp_tls,
             database_url,
+            database_migrate,
             backend,
             data_dir,
             device_dir: s("VOLUMED_DEVICE_DIR", None)
@@ -847,6 +856,10 @@ impl Config {
                 self.amqp_tls.client_cert_password.to_string(),
             ),
             ("VOLUMED_DATABASE_URL", self.database_url.masked()),
+            (
+                "VOLUMED_DATABASE_MIGRATE",
+                self.database_migrate.to_string(),
+            ),
             (
                 "VOLUMED_BACKEND",
                 format!("{:?}", self.backend).to_lowercase(),

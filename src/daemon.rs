@@ -53,7 +53,11 @@ pub async fn run(
 
     // Workers, the relay and its listener each hold a connection at times.
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
-    db::migrate(&pool).await?;
+    if config.database_migrate {
+        db::migrate(&pool).await?;
+    } else {
+        db::check_migrated(&pool).await?;
+    }
 
     let health = Arc::new(Health::default());
     let gate = Arc::new(Gate::default());
