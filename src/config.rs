@@ -190,6 +190,10 @@ pub struct Config {
     pub amqp_url: SecretUrl,
     pub amqp_tls: AmqpTls,
     pub database_url: SecretUrl,
+    /// Whether `volumed run` applies the migrations at start-up; when not,
+    /// it only checks that they were applied (`volumed migrate`), so its
+    /// database role needs no right to change the schema.
+    pub database_migrate: bool,
     pub backend: BackendKind,
     pub data_dir: PathBuf,
     pub device_dir: PathBuf,
@@ -206,6 +210,10 @@ pub struct Config {
     pub delivery_limit: u32,
     pub local_latency: Duration,
     pub log_format: LogFormat,
+    /// The log filter (`VOLUMED_LOG`, file key `log`); `None` leaves it to
+    /// `RUST_LOG` or the default. Validated here, so a reload with a bad
+    /// filter is refused as a whole.
+    pub log_filter: Option<String>,
     pub nbd: NbdConfig,
     /// Present when `VOLUMED_BACKEND=cloudstack`.
     pub cloudstack: Option<CloudStackConfig>,
@@ -327,6 +335,7 @@ struct FileConfig {
     amqp_client_cert: Option<PathBuf>,
     amqp_client_cert_password: Option<String>,
     database_url: Option<String>,
+    database_migrate: Option<bool>,
     backend: Option<String>,
     data_dir: Option<PathBuf>,
     device_dir: Option<PathBuf>,
@@ -340,6 +349,7 @@ struct FileConfig {
     delivery_limit: Option<u64>,
     local_latency_ms: Option<u64>,
     log_format: Option<String>,
+    log: Option<String>,
     nbd_engine: Option<String>,
     nbd_config: Option<PathBuf>,
     nbd_port: Option<u64>,
@@ -379,6 +389,7 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_AMQP_CLIENT_CERT",
     "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
     "VOLUMED_DATABASE_URL",
+    "VOLUMED_DATABASE_MIGRATE",
     "VOLUMED_BACKEND",
     "VOLUMED_DATA_DIR",
     "VOLUMED_DEVICE_DIR",
@@ -392,6 +403,7 @@ pub const ENV_NAMES: &[&str] = &[
     "VOLUMED_DELIVERY_LIMIT",
     "VOLUMED_LOCAL_LATENCY_MS",
     "VOLUMED_LOG_FORMAT",
+    "VOLUMED_LOG",
     "VOLUMED_NBD_ENGINE",
     "VOLUMED_NBD_CONFIG",
     "VOLUMED_NBD_PORT",
@@ -520,6 +532,10 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => bail!("VOLUMED_LOG_FORMAT={other:?} is not a format: use text or json"),
         };
+        let log_filter = s("VOLUMED_LOG", file.log).filter(|v| !v.trim().is_empty());
+        if let Some(f) = &log_filter {
+            crate::telemetry::parse_filter(f).context("VOLUMED_LOG")?;
+        }
 
         let amqp_url = SecretUrl::new(
             s("VOLUMED_AMQP_URL", file.amqp_url)
@@ -548,6 +564,8 @@ impl Config {
             "VOLUMED_DATABASE_URL",
             &["postgres", "postgresql"],
         )?;
+
+        let database_migrate = flag("VOLUMED_DATABASE_MIGRATE", file.database_migrate, true)?;
 
         let data_dir = s("VOLUMED_DATA_DIR", None)
             .map(PathBuf::from)
@@ -720,6 +738,7 @@ impl Config {
             amqp_url,
             amqp_tls,
             database_url,
+            database_migrate,
             backend,
             data_dir,
             device_dir: s("VOLUMED_DEVICE_DIR", None)
@@ -741,6 +760,7 @@ impl Config {
             delivery_limit: delivery_limit as u32,
             local_latency: millis("VOLUMED_LOCAL_LATENCY_MS", file.local_latency_ms, 0)?,
             log_format,
+            log_filter,
             nbd,
             cloudstack,
             retry_attempts: retry_attempts as u32,
@@ -765,6 +785,60 @@ impl Config {
         (self.workers as u16).saturating_mul(self.prefetch_per_worker)
     }
 
+    /// The settings whose effective value differs between `self` and
+    /// `new`, by environment name, in `config check` order. Secrets and the
+    /// contents of the certificate files are compared too, but only their
+    /// names are returned, so the list is safe to log.
+    pub fn changed_settings(&self, new: &Config) -> Vec<&'static str> {
+        let rows = |c: &Config| -> std::collections::HashMap<String, String> {
+            c.render()
+                .lines()
+                .filter_map(|l| l.split_once(" = "))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let (old_rows, new_rows) = (rows(self), rows(new));
+        let cs_secret = |c: &Config| {
+            c.cloudstack
+                .as_ref()
+                .map(|cs| (cs.secret_key.expose().to_owned(), cs.ca_pem.clone()))
+        };
+        let unseen: Vec<(&'static str, bool)> = vec![
+            (
+                "VOLUMED_AMQP_URL",
+                self.amqp_url.expose() != new.amqp_url.expose(),
+            ),
+            (
+                "VOLUMED_DATABASE_URL",
+                self.database_url.expose() != new.database_url.expose(),
+            ),
+            (
+                "VOLUMED_AMQP_CA_FILE",
+                self.amqp_tls.ca_pem != new.amqp_tls.ca_pem,
+            ),
+            (
+                "VOLUMED_AMQP_CLIENT_CERT",
+                self.amqp_tls.client_cert_der != new.amqp_tls.client_cert_der,
+            ),
+            (
+                "VOLUMED_AMQP_CLIENT_CERT_PASSWORD",
+                self.amqp_tls.client_cert_password != new.amqp_tls.client_cert_password,
+            ),
+            (
+                "VOLUMED_CLOUDSTACK_SECRET_KEY",
+                cs_secret(self) != cs_secret(new),
+            ),
+        ];
+        ENV_NAMES
+            .iter()
+            .copied()
+            .filter(|name| {
+                old_rows.get(*name) != new_rows.get(*name)
+                    || unseen.iter().any(|(n, changed)| n == name && *changed)
+            })
+            .collect()
+    }
+
     /// `config check` output: one `NAME = value` line per setting, secrets
     /// masked.
     pub fn render(&self) -> String {
@@ -782,6 +856,10 @@ impl Config {
                 self.amqp_tls.client_cert_password.to_string(),
             ),
             ("VOLUMED_DATABASE_URL", self.database_url.masked()),
+            (
+                "VOLUMED_DATABASE_MIGRATE",
+                self.database_migrate.to_string(),
+            ),
             (
                 "VOLUMED_BACKEND",
                 format!("{:?}", self.backend).to_lowercase(),
@@ -817,6 +895,12 @@ impl Config {
             (
                 "VOLUMED_LOG_FORMAT",
                 format!("{:?}", self.log_format).to_lowercase(),
+            ),
+            (
+                "VOLUMED_LOG",
+                self.log_filter
+                    .clone()
+                    .unwrap_or_else(|| "(RUST_LOG or the default)".into()),
             ),
             ("VOLUMED_NBD_ENGINE", self.nbd.engine.as_str().into()),
             ("VOLUMED_NBD_CONFIG", self.nbd.config.display().to_string()),
@@ -1052,6 +1136,24 @@ mod tests {
             let err = load(&[(k, v)]).expect_err(k).to_string();
             assert!(err.contains(k), "{k}: {err}");
         }
+    }
+
+    #[test]
+    fn changed_settings_name_secrets_without_showing_them() {
+        let a = load(&[("VOLUMED_AMQP_URL", "amqp://u:one@mq/%2f")]).expect("loads");
+        let b = load(&[
+            ("VOLUMED_AMQP_URL", "amqp://u:two@mq/%2f"),
+            ("VOLUMED_WORKERS", "2"),
+            ("VOLUMED_LOG", "debug"),
+        ])
+        .expect("loads");
+        assert!(a.changed_settings(&a.clone()).is_empty());
+        assert_eq!(
+            a.changed_settings(&b),
+            ["VOLUMED_AMQP_URL", "VOLUMED_WORKERS", "VOLUMED_LOG"]
+        );
+        let err = load(&[("VOLUMED_LOG", "volumed=loud")]).expect_err("bad filter");
+        assert!(format!("{err:#}").contains("VOLUMED_LOG"), "{err:#}");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `volumed run`: build the parts, run the consumer and the relay, and stop
 //! in order when asked: stop consuming, let in-flight operations finish,
-//! flush the outbox, close.
+//! flush the outbox, close. A reload re-reads the configuration and applies
+//! what can change while running ([`RELOADABLE`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -18,19 +20,44 @@ use crate::dispatcher::Dispatcher;
 use crate::gate::Gate;
 use crate::health::Health;
 use crate::nbd::manager::Exports;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Reconciler, Schedule};
 use crate::relay::Relay;
 use crate::worker::{RetryPolicy, Steps, VmLocks, Worker};
 
+/// The settings a reload applies to the running daemon. Every other
+/// setting takes effect at the next start; a reload that changes one says
+/// so in its log line.
+pub const RELOADABLE: &[&str] = &[
+    "VOLUMED_LOG",
+    "VOLUMED_RECONCILE_INTERVAL_SECS",
+    "VOLUMED_RECONCILE_APPLY",
+];
+
+/// How the running daemon is asked to re-read its configuration: each
+/// message on `requests` is one reload (the binary sends one per SIGHUP),
+/// and `load` reads the configuration again, file and environment.
+pub struct Reloads {
+    pub requests: mpsc::UnboundedReceiver<()>,
+    pub load: Box<dyn Fn() -> Result<Config> + Send>,
+}
+
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: Reloads,
+) -> Result<()> {
     let config = Arc::new(config);
     let appliance_vm = config.require_appliance_vm()?;
     let backend: Arc<dyn Backend> = crate::backend::build(&config, appliance_vm)?;
 
     // Workers, the relay and its listener each hold a connection at times.
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
-    db::migrate(&pool).await?;
+    if config.database_migrate {
+        db::migrate(&pool).await?;
+    } else {
+        db::check_migrated(&pool).await?;
+    }
 
     let health = Arc::new(Health::default());
     let gate = Arc::new(Gate::default());
@@ -70,6 +97,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_exports.clone(),
     );
     let stop_reconcile = CancellationToken::new();
+    let (schedule, schedule_rx) = watch::channel(Schedule {
+        apply: config.reconcile_apply,
+        interval: config.reconcile_interval,
+    });
     tokio::spawn(crate::reconcile::periodic(
         Reconciler {
             host: config.host_id.clone(),
@@ -81,8 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             nbd: config.nbd.clone(),
             stuck_after: config.stuck_after,
         },
-        config.reconcile_apply,
-        config.reconcile_interval,
+        schedule_rx,
         stop_reconcile.clone(),
     ));
     let worker = Arc::new(Worker {
@@ -93,7 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         device_dir: config.device_dir.clone(),
         device_timeout: config.device_timeout,
         exports,
-        gate,
+        gate: Arc::clone(&gate),
         vm_locks: VmLocks::default(),
         steps: Steps::start(pool.clone()),
         retry: RetryPolicy {
@@ -124,25 +154,67 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     info!(host = %config.host_id, backend = ?config.backend, workers = config.workers, "volumed started");
 
+    // Ready for systemd once requests are consumed, not before: a unit
+    // ordered after volumed can rely on requests being taken. Only the first
+    // time; a consumer that reconnects later was ready before.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready_task = {
+        let mut consuming = gate.watch_consuming();
+        let ready = Arc::clone(&ready);
+        tokio::spawn(async move {
+            if consuming.wait_for(|c| *c).await.is_ok() {
+                ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                crate::systemd::notify(crate::systemd::READY);
+            }
+        })
+    };
+
     let mut failure = None;
     let mut consumer_result = None;
     let mut relay_finished = false;
-    tokio::select! {
-        _ = shutdown => info!("shutdown requested"),
-        r = &mut consumer_task => {
-            consumer_result = Some(r);
-        }
-        r = &mut relay_task => {
-            relay_finished = true;
-            let e = match r {
-                Ok(Ok(())) => anyhow::anyhow!("the outbox relay stopped unexpectedly"),
-                Ok(Err(e)) => e,
-                Err(e) => anyhow::anyhow!("the outbox relay panicked: {e}"),
-            };
-            error!(cause = %format!("{e:#}"), "outbox relay failed");
-            failure = Some(e);
+    let mut current = (*config).clone();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutdown requested");
+                break;
+            }
+            Some(()) = reloads.requests.recv() => {
+                crate::systemd::reloading();
+                match (reloads.load)() {
+                    Ok(new) => {
+                        apply_reload(&current, &new, &schedule);
+                        current = new;
+                    }
+                    Err(e) => error!(cause = %format!("{e:#}"),
+                                     "configuration rejected; the running one is kept"),
+                }
+                // Not ready before the first consumption: the ready task
+                // says so when it comes.
+                if ready.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::systemd::notify(crate::systemd::READY);
+                }
+            }
+            r = &mut consumer_task => {
+                consumer_result = Some(r);
+                break;
+            }
+            r = &mut relay_task => {
+                relay_finished = true;
+                let e = match r {
+                    Ok(Ok(())) => anyhow::anyhow!("the outbox relay stopped unexpectedly"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("the outbox relay panicked: {e}"),
+                };
+                error!(cause = %format!("{e:#}"), "outbox relay failed");
+                failure = Some(e);
+                break;
+            }
         }
     }
+    crate::systemd::notify(crate::systemd::STOPPING);
+    ready_task.abort();
 
     // One deadline for the whole stop, so it never takes longer than
     // VOLUMED_SHUTDOWN_TIMEOUT_SECS plus the final closes.
@@ -255,4 +327,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }
     }
+}
+
+/// Applies a reloaded configuration: the [`RELOADABLE`] settings take
+/// effect now; any other changed setting is named in the log as waiting
+/// for a restart.
+fn apply_reload(old: &Config, new: &Config, schedule: &watch::Sender<Schedule>) {
+    let changed = old.changed_settings(new);
+    let (applied, pending): (Vec<&str>, Vec<&str>) =
+        changed.iter().partition(|name| RELOADABLE.contains(name));
+    if old.log_filter != new.log_filter {
+        if let Err(e) = crate::telemetry::set_filter(new.log_filter.as_deref()) {
+            warn!(cause = %format!("{e:#}"), "the log filter was not replaced");
+        }
+    }
+    schedule.send_if_modified(|s| {
+        let next = Schedule {
+            apply: new.reconcile_apply,
+            interval: new.reconcile_interval,
+        };
+        let modified = *s != next;
+        *s = next;
+        modified
+    });
+    if !pending.is_empty() {
+        warn!(not_applied = ?pending,
+              "changed settings need a restart to take effect; they were not applied");
+    }
+    info!(applied = ?applied, "configuration reloaded");
 }

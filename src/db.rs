@@ -42,6 +42,34 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
         .context("applying database migrations")
 }
 
+/// Checks, without changing anything, that every migration of this build
+/// has been applied: for a daemon whose database role may not change the
+/// schema (`VOLUMED_DATABASE_MIGRATE=false`). Needs only `SELECT` on
+/// `_sqlx_migrations`.
+pub async fn check_migrated(pool: &PgPool) -> Result<()> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .context(
+                "cannot read the applied migrations (_sqlx_migrations): run `volumed migrate` \
+                 with a role that may change the schema",
+            )?;
+    let missing: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{} {}", m.version, m.description))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the database schema is behind this build (missing: {}); \
+             VOLUMED_DATABASE_MIGRATE=false, so run `volumed migrate` first",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// What the journal says about a request when a worker picks it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {

@@ -57,6 +57,11 @@ impl Gate {
         *self.consuming.borrow()
     }
 
+    /// Follows [`Gate::is_consuming`].
+    pub fn watch_consuming(&self) -> watch::Receiver<bool> {
+        self.consuming.subscribe()
+    }
+
     /// Reported by the consumer.
     pub fn set_consuming(&self, on: bool) {
         self.consuming.send_replace(on);

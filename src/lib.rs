@@ -26,6 +26,7 @@ pub mod nbd;
 pub mod plot;
 pub mod reconcile;
 pub mod relay;
+pub mod systemd;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;

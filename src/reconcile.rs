@@ -671,20 +671,51 @@ impl Reconciler {
     }
 }
 
+/// When the daemon reconciles and whether it repairs: the settings
+/// `VOLUMED_RECONCILE_INTERVAL_SECS` and `VOLUMED_RECONCILE_APPLY`, which a
+/// configuration reload may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub apply: bool,
+    /// `None`: at start-up only.
+    pub interval: Option<Duration>,
+}
+
 /// The daemon's reconciliations: once at start-up (after a short delay, so
-/// the export manager has its server up), then every `interval`.
+/// the export manager has its server up), then every `interval`. A new
+/// schedule takes effect at once: the next run is one new interval after
+/// the change (none when the new interval is `None`), since the time
+/// already waited was measured against the old one.
 pub async fn periodic(
     r: Reconciler,
-    apply: bool,
-    interval: Option<Duration>,
+    mut schedule: tokio::sync::watch::Receiver<Schedule>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut wait = Duration::from_secs(5);
+    let mut wait = Some(Duration::from_secs(5));
+    let mut started = false;
+    let mut watching = true;
     loop {
+        let sleep = async {
+            match wait {
+                Some(w) => tokio::time::sleep(w).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = sleep => {}
+            changed = schedule.changed(), if watching => {
+                // The sender is gone when the daemon stops: keep the last
+                // schedule instead of waking up in a loop.
+                watching = changed.is_ok();
+                if started {
+                    wait = schedule.borrow().interval;
+                }
+                continue;
+            }
         }
+        started = true;
+        let apply = schedule.borrow().apply;
         match r.run(apply).await {
             Ok(report) if report.drifts.is_empty() => {
                 tracing::debug!(host = %r.host, "reconciled: no drift")
@@ -700,9 +731,6 @@ pub async fn periodic(
                 tracing::warn!(host = %r.host, cause = %format!("{e:#}"), "reconciliation failed")
             }
         }
-        match interval {
-            Some(i) => wait = i,
-            None => return,
-        }
+        wait = schedule.borrow().interval;
     }
 }

@@ -289,3 +289,130 @@ async fn the_client_times_out_cleanly_when_no_daemon_runs() {
         .expect("the connection survived");
     client.close().await;
 }
+
+/// The next datagram on a fake systemd notification socket.
+async fn next_notification(sock: &tokio::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, sock.recv(&mut buf))
+        .await
+        .expect("a notification in time")
+        .expect("recv");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// How many consumers the broker has on the daemon's request queue.
+async fn request_consumers(env: &Env) -> u32 {
+    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            &volumed::topology::request_queue(HOST),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("request queue exists");
+    let _ = conn.close(200, "done").await;
+    q.consumer_count()
+}
+
+fn signal(d: &common::Daemon, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, sig).expect("signal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_when_consuming_reloading_and_stopping() {
+    let env = Env::new("notify").await;
+    let path = env.dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&path).expect("bind the notification socket");
+    let mut d = env.spawn(HOST, &[("NOTIFY_SOCKET", path.to_str().expect("utf-8"))]);
+
+    assert_eq!(next_notification(&sock).await, "READY=1");
+    assert!(
+        request_consumers(&env).await >= 1,
+        "READY=1 before the request consumer was registered"
+    );
+
+    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    let reloading = next_notification(&sock).await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next_notification(&sock).await, "READY=1");
+    // Still serving after the reload.
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let ev = client
+        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
+        .await
+        .expect("attach event after a reload");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    client.close().await;
+
+    d.sigterm();
+    assert_eq!(next_notification(&sock).await, "STOPPING=1");
+    assert!(d.wait_exit(WAIT).success(), "{}", d.log().join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_the_log_filter_and_survives_a_bad_configuration() {
+    let env = Env::new("reload").await;
+    let file = env.dir.path().join("volumed.toml");
+    std::fs::write(&file, "log = \"info,lapin=warn,sqlx=warn\"\n").expect("write config");
+    // The environment overrides the file, so the filter must come from the
+    // file alone for a reload to change it.
+    let d = env.start(
+        HOST,
+        &[
+            ("VOLUMED_CONFIG", file.to_str().expect("utf-8")),
+            ("VOLUMED_LOG", ""),
+        ],
+    );
+    let client = env.client().await;
+    let ev = client
+        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
+        .await
+        .expect("attach event");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    assert!(
+        !d.log().iter().any(|l| l.contains("DEBUG")),
+        "debug lines with an info filter"
+    );
+
+    // A reloadable change and one that needs a restart.
+    std::fs::write(
+        &file,
+        "log = \"info,volumed=debug\"\nprefetch_per_worker = 3\n",
+    )
+    .expect("write config");
+    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    d.wait_log("configuration reloaded", WAIT);
+    let log = d.log().join("\n");
+    assert!(
+        log.contains("not applied") && log.contains("VOLUMED_PREFETCH_PER_WORKER"),
+        "{log}"
+    );
+    client
+        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
+        .await
+        .expect("attach event");
+    d.wait_log("DEBUG", WAIT);
+
+    // An invalid filter: refused as a whole, the daemon keeps serving.
+    std::fs::write(&file, "log = \"volumed=loud\"\n").expect("write config");
+    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    d.wait_log("configuration rejected", WAIT);
+    let ev = client
+        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
+        .await
+        .expect("attach event after a rejected reload");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    client.close().await;
+}

@@ -375,3 +375,103 @@ async fn a_daemon_works_with_a_broker_user_limited_to_its_own_queues() {
     assert!(format!("{err}").contains("ACCESS_REFUSED"), "{err}");
     client.close().await;
 }
+
+/// A PostgreSQL login role for one test, dropped when the test ends (after
+/// its database, which holds the role's grants: declare it first).
+struct PgRole(String);
+
+impl PgRole {
+    fn create() -> PgRole {
+        let name = format!("vt_dml_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        psql_admin(&format!("CREATE ROLE {name} LOGIN"));
+        PgRole(name)
+    }
+}
+
+impl Drop for PgRole {
+    fn drop(&mut self) {
+        psql_admin(&format!("DROP ROLE IF EXISTS {}", self.0));
+    }
+}
+
+fn psql_admin(sql: &str) {
+    let _ = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-qc",
+            sql,
+        ])
+        .output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_works_with_a_database_role_that_cannot_change_the_schema() {
+    const HOST: &str = "oma-db";
+    let role = PgRole::create();
+    let env = common::Env::new("dbrole").await;
+    let r = &role.0;
+    for sql in [
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
+        format!("GRANT USAGE ON SCHEMA public TO {r}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {r}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {r}"),
+        format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {r}"),
+    ] {
+        sqlx::query(&sql).execute(&env.pool).await.expect(&sql);
+    }
+    let url = format!("postgres://{r}@127.0.0.1:5432/{}", env.name);
+
+    // By default the daemon migrates at start-up, which needs DDL.
+    let mut d = env.spawn(HOST, &[("VOLUMED_DATABASE_URL", url.as_str())]);
+    assert!(!d.wait_exit(common::WAIT).success());
+    assert!(
+        d.log().join("\n").contains("permission denied"),
+        "{}",
+        d.log().join("\n")
+    );
+
+    // With VOLUMED_DATABASE_MIGRATE=false it only checks the schema: a
+    // schema behind the build is refused...
+    let off = [
+        ("VOLUMED_DATABASE_URL", url.as_str()),
+        ("VOLUMED_DATABASE_MIGRATE", "false"),
+    ];
+    let latest = "(SELECT max(version) FROM _sqlx_migrations)";
+    sqlx::query(&format!(
+        "UPDATE _sqlx_migrations SET success = false WHERE version = {latest}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("mark the latest migration unapplied");
+    let mut d = env.spawn(HOST, &off);
+    assert!(!d.wait_exit(common::WAIT).success());
+    let log = d.log().join("\n");
+    assert!(log.contains("volumed migrate"), "{log}");
+    sqlx::query(&format!(
+        "UPDATE _sqlx_migrations SET success = true WHERE version = {latest} OR NOT success"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("restore");
+
+    // ...and a current one works with DML rights alone.
+    let _d = env.start(HOST, &off);
+    let client = env.client().await;
+    let ev = client
+        .attach_and_wait(
+            HOST,
+            env.create_volume(HOST),
+            env.appliance,
+            true,
+            common::WAIT,
+        )
+        .await
+        .expect("attach event");
+    assert!(ev.event_type.succeeded(), "{ev:?}");
+    client.close().await;
+}

@@ -1,10 +1,12 @@
 //! The command line: one file per command.
 
 mod bench;
+mod completions;
 mod config_check;
 mod dlq;
 mod events;
 mod exports;
+mod man;
 mod migrate;
 mod reconcile;
 mod request;
@@ -66,6 +68,10 @@ pub enum Command {
     /// Broker topology as code.
     #[command(subcommand)]
     Topology(topology::TopologyCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page volumed(1) as roff, or write every page.
+    Man(man::ManArgs),
 }
 
 impl Cli {
@@ -89,6 +95,8 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Reconcile(a) => reconcile::run(&cli, a).await,
         Command::Bench(a) => bench::run(&cli, a).await,
         Command::Topology(c) => topology::run(&cli, c),
+        Command::Completions(a) => completions::run(a),
+        Command::Man(a) => man::run(a),
     }
 }
 
@@ -158,9 +166,14 @@ mod tests {
             ],
             vec!["volumed", "dlq", "purge", "--older-than", "7d", "--dry-run"],
             vec!["volumed", "topology", "definitions", "--host", "oma-1"],
+            vec!["volumed", "completions", "bash"],
+            vec!["volumed", "completions", "zsh"],
+            vec!["volumed", "man"],
+            vec!["volumed", "man", "--out-dir", "/tmp/man1"],
         ] {
             Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
         assert!(Cli::try_parse_from(["volumed", "attach", "--volume", "x"]).is_err());
+        assert!(Cli::try_parse_from(["volumed", "completions", "cmd.exe"]).is_err());
     }
 }

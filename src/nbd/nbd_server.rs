@@ -257,6 +257,9 @@ impl Engine for NbdServer {
 
     fn server_command(&self, pidfile: &Path) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("nbd-server");
+        // The server is not the service systemd supervises: keep it from
+        // speaking for volumed on the notification socket.
+        c.env_remove("NOTIFY_SOCKET");
         c.arg("-C").arg(&self.config).arg("-p").arg(pidfile);
         c
     }

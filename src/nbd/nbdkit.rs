@@ -77,6 +77,9 @@ impl Engine for Nbdkit {
 
     fn server_command(&self, pidfile: &Path) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("nbdkit");
+        // The server is not the service systemd supervises: keep it from
+        // speaking for volumed on the notification socket.
+        c.env_remove("NOTIFY_SOCKET");
         c.args(self.server_args(pidfile));
         c
     }
