@@ -26,6 +26,15 @@ use crate::contract::{ErrorCode, Event, EventType, RepairInfo};
 use crate::db::AttachmentChange;
 use crate::nbd::{nbd_server::PLACEHOLDER, proto, Engine, ExportName};
 
+/// The repair of `wrong_export_target`. The export is never pointed at
+/// another path by the reconciler: the configured path is wrong, so nothing
+/// it could read is trusted, and with nbd-server a section whose path
+/// changes keeps serving the old path until a restart. Withdrawing refuses
+/// new connections at once on both engines; the volume stays attached, and
+/// detaching and attaching it again makes a checked export.
+const WRONG_TARGET_ACTION: &str =
+    "withdrew the export and removed its record (the volume stays attached, unexported)";
+
 /// Everything the reconciler looks at.
 pub struct Reconciler {
     pub host: String,
@@ -115,8 +124,8 @@ struct Snapshot {
     recorded_anywhere: BTreeSet<String>,
     /// export name → path, from the engine's configuration.
     configured: BTreeMap<String, PathBuf>,
-    /// What the live server lists (None when it cannot be asked).
-    listed: Option<BTreeSet<String>>,
+    /// What the live server lists, or why it could not be asked.
+    listed: Result<BTreeSet<String>, String>,
     /// Volumes the backend has on the appliance VM.
     backend: BTreeSet<Uuid>,
     /// by-id link names present.
@@ -153,7 +162,7 @@ impl Reconciler {
         .fetch_all(&self.pool)
         .await?;
         let attachments = rows.into_iter().map(|(v, vm, p)| (v, (vm, p))).collect();
-        let exports = crate::db::exports(&self.pool, Some(&self.host))
+        let exports: BTreeMap<String, Uuid> = crate::db::exports(&self.pool, Some(&self.host))
             .await?
             .into_iter()
             .map(|r| (r.export_name, r.volume_id))
@@ -163,17 +172,12 @@ impl Reconciler {
             .into_iter()
             .map(|r| r.export_name)
             .collect();
-        let configured = self
-            .engine
-            .configured()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, p)| (n.to_string(), p))
-            .collect();
-        let listed = proto::list(&self.nbd.listen, self.nbd.port, Duration::from_secs(5))
-            .await
-            .ok()
-            .map(|names| names.into_iter().filter(|n| n != PLACEHOLDER).collect());
+        let configured = self.configured(exports.len())?;
+        let listed =
+            match proto::list(&self.nbd.listen, self.nbd.port, Duration::from_secs(5)).await {
+                Ok(names) => Ok(names.into_iter().filter(|n| n != PLACEHOLDER).collect()),
+                Err(e) => Err(e.to_string()),
+            };
         let backend = self
             .backend
             .volumes_on(self.appliance_vm)
@@ -183,11 +187,34 @@ impl Reconciler {
             .map(|v| v.id)
             .collect();
         let links = match std::fs::read_dir(&self.device_dir) {
-            Ok(entries) => entries
-                .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
-                .filter(|n| n.starts_with("virtio-"))
-                .collect(),
-            Err(_) => BTreeSet::new(),
+            Ok(entries) => {
+                let mut links = BTreeSet::new();
+                for entry in entries {
+                    let entry = entry.with_context(|| {
+                        format!("reading the device directory {}", self.device_dir.display())
+                    })?;
+                    if let Some(name) = entry.file_name().to_str() {
+                        if name.starts_with("virtio-") {
+                            links.insert(name.to_owned());
+                        }
+                    }
+                }
+                links
+            }
+            // udev makes the directory with the first disk that has a
+            // serial: absent, there is no device link at all. Nothing is
+            // ever repaired from the device links (their drifts are left
+            // for a person), so counting it as empty cannot undo anything.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "reading the device directory {} (VOLUMED_DEVICE_DIR); nothing was \
+                         checked or repaired",
+                        self.device_dir.display()
+                    )
+                })
+            }
         };
         Ok(Snapshot {
             attachments,
@@ -198,6 +225,35 @@ impl Reconciler {
             backend,
             links,
         })
+    }
+
+    /// The exports in the engine's configuration. A configuration that
+    /// cannot be read fails the run: taken as empty, it would make every
+    /// recorded export look unserved, and a repairing run would then delete
+    /// every export record. A missing configuration counts as empty only
+    /// while nothing is recorded for this host (before the first export);
+    /// with records, it more likely means a wrong `VOLUMED_NBD_CONFIG` or a
+    /// file system that is not mounted.
+    fn configured(&self, recorded: usize) -> Result<BTreeMap<String, PathBuf>> {
+        match self.engine.configured() {
+            Ok(list) => Ok(list.into_iter().map(|(n, p)| (n.to_string(), p)).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && recorded == 0 => {
+                Ok(BTreeMap::new())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "the {} configuration under {} (VOLUMED_NBD_CONFIG) does not exist, yet {recorded} \
+                 export(s) are recorded for this host: refusing to take it as empty; nothing \
+                 was checked or repaired",
+                self.nbd.engine.as_str(),
+                self.nbd.config.display()
+            ),
+            Err(e) => anyhow::bail!(
+                "cannot read the {} configuration under {} (VOLUMED_NBD_CONFIG): {e}; nothing \
+                 was checked or repaired",
+                self.nbd.engine.as_str(),
+                self.nbd.config.display()
+            ),
+        }
     }
 
     /// Volumes with an operation running, or finished since `since`, on
@@ -302,8 +358,30 @@ impl Reconciler {
         out: &mut Vec<Drift>,
     ) -> Result<()> {
         for (name, vol) in &snap.exports {
-            if snap.configured.contains_key(name) {
-                if let Some(listed) = &snap.listed {
+            if let Some(path) = snap.configured.get(name) {
+                let expected = self.device_dir.join(by_id_name(*vol));
+                if *path != expected {
+                    let repair = match () {
+                        _ if busy.contains(vol) => {
+                            "skipped: an operation on the volume is in progress".to_owned()
+                        }
+                        _ if !apply => format!("would repair: {WRONG_TARGET_ACTION}"),
+                        _ => self.withdraw_wrong_target(name, *vol, &expected).await,
+                    };
+                    out.push(Drift {
+                        kind: "wrong_export_target",
+                        volume: Some(*vol),
+                        export: Some(name.clone()),
+                        detail: format!(
+                            "configured to serve {}, not the volume's by-id link {}",
+                            path.display(),
+                            expected.display()
+                        ),
+                        repair,
+                    });
+                    continue;
+                }
+                if let Ok(listed) = &snap.listed {
                     if !listed.contains(name) {
                         out.push(Drift {
                             kind: "export_not_live",
@@ -363,21 +441,40 @@ impl Reconciler {
                 repair,
             });
         }
-        if let Some(listed) = &snap.listed {
-            for name in listed {
-                if !snap.configured.contains_key(name) {
-                    out.push(Drift {
-                        kind: "stale_server_export",
-                        volume: ExportName::parse(name).ok().and_then(|n| n.volume()),
-                        export: Some(name.clone()),
-                        detail: "the NBD server still lists it; it is not configured (new \
-                                 connections are refused)"
-                            .into(),
-                        repair: "left for the export manager: dropped at its next idle restart"
-                            .into(),
-                    });
+        match &snap.listed {
+            Ok(listed) => {
+                for name in listed {
+                    if !snap.configured.contains_key(name) {
+                        out.push(Drift {
+                            kind: "stale_server_export",
+                            volume: ExportName::parse(name).ok().and_then(|n| n.volume()),
+                            export: Some(name.clone()),
+                            detail: "the NBD server still lists it; it is not configured (new \
+                                     connections are refused)"
+                                .into(),
+                            repair: "left for the export manager: dropped at its next idle \
+                                     restart"
+                                .into(),
+                        });
+                    }
                 }
             }
+            // Not a reason to fail the run (the other checks stand), but
+            // never a silent pass either: the live checks were not made.
+            Err(why) => out.push(Drift {
+                kind: "live_listing_unavailable",
+                volume: None,
+                export: None,
+                detail: format!(
+                    "the NBD server at {}:{} did not list its exports ({why}); \
+                     `export_not_live` and `stale_server_export` were not checked",
+                    self.nbd.listen, self.nbd.port
+                ),
+                repair: "left for an operator: check that the NBD server runs \
+                         (`volumed exports`, /health); a managed server that died is \
+                         restarted by the export manager"
+                    .into(),
+            }),
         }
         Ok(())
     }
@@ -616,14 +713,10 @@ impl Reconciler {
         crate::db::insert_event(tx, &event).await
     }
 
-    /// Withdraws an export nobody recorded, under the export lock, after
-    /// checking once more that no operation is on its volume.
-    async fn withdraw_orphan(&self, name: &str, vol: Option<Uuid>) -> String {
-        let Ok(name) = ExportName::parse(name) else {
-            return "left for an operator: not a name volumed makes".into();
-        };
+    /// Takes the per-host export lock, the one the export manager takes.
+    async fn lock_exports(&self) -> Result<nix::fcntl::Flock<std::fs::File>> {
         let lock = self.engine.lock_path();
-        let locked = tokio::task::spawn_blocking(move || -> Result<_> {
+        tokio::task::spawn_blocking(move || -> Result<_> {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -632,11 +725,63 @@ impl Reconciler {
             nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
                 .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", lock.display()))
         })
-        .await;
-        let _guard = match locked {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => return format!("repair failed: {e:#}"),
-            Err(e) => return format!("repair failed: {e}"),
+        .await?
+    }
+
+    /// Withdraws a recorded export whose configured path is not its
+    /// volume's by-id link and removes its record, under the export lock,
+    /// after checking again that no operation is on the volume and that the
+    /// path is still wrong.
+    async fn withdraw_wrong_target(&self, name: &str, vol: Uuid, expected: &Path) -> String {
+        let Ok(export) = ExportName::parse(name) else {
+            return "left for an operator: not a name volumed makes".into();
+        };
+        let _guard = match self.lock_exports().await {
+            Ok(g) => g,
+            Err(e) => return format!("repair failed: {e:#}"),
+        };
+        if crate::db::volume_busy(&self.pool, vol)
+            .await
+            .unwrap_or(true)
+        {
+            return "skipped: an operation on the volume started meanwhile".into();
+        }
+        let now = match self.engine.configured() {
+            Ok(list) => list.into_iter().find(|(n, _)| n.as_str() == name),
+            Err(e) => return format!("repair failed: cannot read the configuration again: {e}"),
+        };
+        match now {
+            Some((_, path)) if path != expected => {}
+            _ => return "skipped: corrected or withdrawn meanwhile".into(),
+        }
+        if let Err(e) = self.engine.withdraw(&export) {
+            return format!("repair failed: {e}");
+        }
+        let recorded = async {
+            let mut tx = self.pool.begin().await?;
+            self.apply_db(&mut tx, vol, &DbRepair::ForgetExport).await?;
+            self.reconciled_event(&mut tx, vol, "wrong_export_target", WRONG_TARGET_ACTION)
+                .await?;
+            tx.commit().await
+        };
+        match recorded.await {
+            Ok(()) => format!("repaired: {WRONG_TARGET_ACTION}"),
+            Err(e) => format!(
+                "repair failed: withdrawn, but the record and its event could not be \
+                 written: {e}"
+            ),
+        }
+    }
+
+    /// Withdraws an export nobody recorded, under the export lock, after
+    /// checking once more that no operation is on its volume.
+    async fn withdraw_orphan(&self, name: &str, vol: Option<Uuid>) -> String {
+        let Ok(name) = ExportName::parse(name) else {
+            return "left for an operator: not a name volumed makes".into();
+        };
+        let _guard = match self.lock_exports().await {
+            Ok(g) => g,
+            Err(e) => return format!("repair failed: {e:#}"),
         };
         if let Some(v) = vol {
             if crate::db::volume_busy(&self.pool, v).await.unwrap_or(true) {

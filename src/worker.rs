@@ -430,6 +430,7 @@ impl Worker {
             };
         };
         self.step(req.request_id, "device_found").await;
+        failpoint::hit("after_device_found").await;
         if !req.export {
             return Outcome {
                 change: attached(Some(&dev), ExportChange::Keep),
@@ -455,7 +456,17 @@ impl Worker {
             Err(e) => return failed(ErrorCode::InvalidExport, e.to_string(), &dev),
         };
         let name = spec.name.to_string();
-        if let Err(e) = self.exports.add(spec).await {
+        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        let noted = async {
+            // Sent once the export is in the configuration, before the
+            // reload and the live check.
+            if written_rx.await.is_ok() {
+                self.step(req.request_id, "export_written").await;
+                failpoint::hit("after_export_written").await;
+            }
+        };
+        let (added, ()) = tokio::join!(self.exports.add_noting_write(spec, written_tx), noted);
+        if let Err(e) = added {
             let code = match e {
                 ExportError::Invalid(_) => ErrorCode::InvalidExport,
                 _ => ErrorCode::ExportFailed,
@@ -463,6 +474,7 @@ impl Worker {
             return failed(code, e.to_string(), &dev);
         }
         self.step(req.request_id, "export_live").await;
+        failpoint::hit("after_export_live").await;
         let export = NewExport {
             name: name.clone(),
             engine: self.exports.kind.as_str(),

@@ -8,7 +8,10 @@
 //! keeps the history of the volume's attach and detach calls, written in
 //! the same rename as the state they produced: a crash can never leave a
 //! change without its history line or the reverse, so tests can read it to
-//! prove that no side effect happened twice. The device link is made before
+//! prove that no side effect happened twice. A call the backend refuses
+//! because it would repeat a change (attaching an attached volume,
+//! detaching a detached one) is kept too, apart, since a caller that
+//! repeats a change shows only there. The device link is made before
 //! an attach is recorded and removed before a detach is, so a crash in
 //! between is repaired by the redelivered request doing the change again.
 
@@ -39,6 +42,10 @@ struct StateFile {
     /// Every change, `attach <volume> <vm>` / `detach <volume> <vm>`.
     #[serde(default)]
     history: Vec<String>,
+    /// Every refused call, in the same form. Apart from `history`, whose
+    /// readers count changes.
+    #[serde(default)]
+    refused: Vec<String>,
 }
 
 impl LocalBackend {
@@ -65,6 +72,24 @@ impl LocalBackend {
 
     /// The history of every volume's changes, volume by volume.
     pub fn call_history(data_dir: &Path) -> Vec<String> {
+        Self::states(data_dir)
+            .into_iter()
+            .flat_map(|s| s.history)
+            .collect()
+    }
+
+    /// The attach and detach calls refused because the volume was already
+    /// in the state asked for (or on another VM), volume by volume, in the
+    /// form of [`LocalBackend::call_history`]. A caller that never repeats
+    /// a change leaves this empty.
+    pub fn refused_calls(data_dir: &Path) -> Vec<String> {
+        Self::states(data_dir)
+            .into_iter()
+            .flat_map(|s| s.refused)
+            .collect()
+    }
+
+    fn states(data_dir: &Path) -> Vec<StateFile> {
         let Ok(entries) = std::fs::read_dir(Self::volumes_dir(data_dir)) else {
             return Vec::new();
         };
@@ -73,11 +98,7 @@ impl LocalBackend {
             .filter(|p| p.extension().is_some_and(|x| x == "attachment"))
             .collect();
         files.sort();
-        files
-            .iter()
-            .filter_map(|p| read_state(p).ok())
-            .flat_map(|s| s.history)
-            .collect()
+        files.iter().filter_map(|p| read_state(p).ok()).collect()
     }
 
     /// Creates a sparse volume of `size` bytes and returns its id.
@@ -125,6 +146,23 @@ impl LocalBackend {
         let body =
             serde_json::to_vec(&state).map_err(|e| BackendError::Permanent(e.to_string()))?;
         write_atomic(&Self::attachment_path(&self.data_dir, volume), &body).map_err(io)
+    }
+
+    /// Keeps a refused call in the volume's file, then returns the
+    /// refusal. Failing to keep it only loses the trace, not the answer.
+    fn refuse(
+        &self,
+        volume: Uuid,
+        mut state: StateFile,
+        what: &str,
+        vm: Uuid,
+        why: String,
+    ) -> BackendError {
+        state.refused.push(format!("{what} {volume} {vm}"));
+        if let Ok(body) = serde_json::to_vec(&state) {
+            let _ = write_atomic(&Self::attachment_path(&self.data_dir, volume), &body);
+        }
+        BackendError::Permanent(why)
     }
 
     async fn pause(&self) {
@@ -239,9 +277,8 @@ impl LocalBackend {
         self.ensure_exists(volume)?;
         let state = read_state(&Self::attachment_path(&self.data_dir, volume)).map_err(io)?;
         if let Some(on) = state.vm_id {
-            return Err(BackendError::Permanent(format!(
-                "volume {volume} is already attached to VM {on}"
-            )));
+            let why = format!("volume {volume} is already attached to VM {on}");
+            return Err(self.refuse(volume, state, "attach", vm, why));
         }
         if vm == self.appliance_vm {
             // The link first, under a temporary name and renamed so a
@@ -266,14 +303,12 @@ impl LocalBackend {
         match state.vm_id {
             Some(on) if on == vm => {}
             Some(on) => {
-                return Err(BackendError::Permanent(format!(
-                    "volume {volume} is attached to VM {on}, not {vm}"
-                )))
+                let why = format!("volume {volume} is attached to VM {on}, not {vm}");
+                return Err(self.refuse(volume, state, "detach", vm, why));
             }
             None => {
-                return Err(BackendError::Permanent(format!(
-                    "volume {volume} is not attached"
-                )))
+                let why = format!("volume {volume} is not attached");
+                return Err(self.refuse(volume, state, "detach", vm, why));
             }
         }
         // The device goes first; the detach counts once it is recorded.
@@ -360,6 +395,15 @@ mod tests {
         b.detach(vol, other).await.expect("detach");
         let history = LocalBackend::call_history(&data);
         assert_eq!(history.len(), 4, "{history:?}");
+        assert!(b.detach(vol, other).await.is_err(), "not attached");
+        assert_eq!(LocalBackend::call_history(&data).len(), 4, "no change");
+        assert_eq!(
+            LocalBackend::refused_calls(&data),
+            [
+                format!("attach {vol} {other}"),
+                format!("detach {vol} {other}")
+            ]
+        );
         LocalBackend::delete_volume(&data, vol).expect("delete");
         assert!(matches!(
             b.volume(vol).await,

@@ -85,6 +85,9 @@ enum Recovery {
 struct Request {
     change: Change,
     reply: oneshot::Sender<Result<(), ExportError>>,
+    /// Told when an add is written and synced, before the reload and the
+    /// live check (the worker records the step `export_written`).
+    written: Option<oneshot::Sender<()>>,
 }
 
 /// The handle workers use.
@@ -135,10 +138,18 @@ impl Exports {
         (handle, task)
     }
 
-    async fn ask(&self, change: Change) -> Result<(), ExportError> {
+    async fn ask(
+        &self,
+        change: Change,
+        written: Option<oneshot::Sender<()>>,
+    ) -> Result<(), ExportError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { change, reply })
+            .send(Request {
+                change,
+                reply,
+                written,
+            })
             .await
             .map_err(|_| ExportError::Stopped)?;
         rx.await.map_err(|_| ExportError::Stopped)?
@@ -147,12 +158,24 @@ impl Exports {
     /// Serves `spec` and confirms through the protocol that it is live.
     pub async fn add(&self, spec: ExportSpec) -> Result<(), ExportError> {
         spec.validate()?;
-        self.ask(Change::Add(spec)).await
+        self.ask(Change::Add(spec), None).await
+    }
+
+    /// [`Exports::add`], telling `written` once the export is written to
+    /// the configuration and synced, before it is made visible and checked.
+    /// `written` is dropped unsent when the write fails.
+    pub async fn add_noting_write(
+        &self,
+        spec: ExportSpec,
+        written: oneshot::Sender<()>,
+    ) -> Result<(), ExportError> {
+        spec.validate()?;
+        self.ask(Change::Add(spec), Some(written)).await
     }
 
     /// Stops new connections to `name` and confirms they are refused.
     pub async fn withdraw(&self, name: ExportName) -> Result<(), ExportError> {
-        self.ask(Change::Withdraw(name)).await
+        self.ask(Change::Withdraw(name), None).await
     }
 
     /// Waits until no client of the server holds `device` open, up to the
@@ -615,6 +638,13 @@ impl Manager {
             }
         }
         self.pending.changes += batch.len() as i64;
+        let mut batch = batch;
+        for (r, o) in batch.iter_mut().zip(&outcomes) {
+            if let (Some(written), None) = (r.written.take(), o) {
+                // The worker may have gone; then nobody needs to know.
+                let _ = written.send(());
+            }
+        }
 
         // 2. One restart or reload for the whole batch (repeated only when
         //    a reload does not take).

@@ -314,6 +314,12 @@ impl Env {
         volumed::backend::local::LocalBackend::call_history(&self.data_dir(host))
     }
 
+    /// Every attach and detach the local backend refused because it would
+    /// have repeated a change (a caller's duplicate), volume by volume.
+    pub fn refused_calls(&self, host: &str) -> Vec<String> {
+        volumed::backend::local::LocalBackend::refused_calls(&self.data_dir(host))
+    }
+
     /// Polls a SQL count until it reaches `want`.
     pub async fn wait_count(&self, sql: &str, want: i64) {
         let start = Instant::now();
