@@ -124,9 +124,18 @@ impl Exports {
             server: server.clone(),
             drain_timeout: cfg.drain_timeout,
         });
+        let prober = Arc::new(Prober {
+            cfg: cfg.clone(),
+            server: server.clone(),
+            few: tokio::sync::Semaphore::new(match cfg.engine {
+                NbdEngineKind::NbdServer => 4,
+                NbdEngineKind::Nbdkit => 32,
+            }),
+        });
         let manager = Manager {
             engine,
             server,
+            prober,
             cfg: cfg.clone(),
             host: host.to_owned(),
             pool,
@@ -209,6 +218,7 @@ impl Exports {
 struct Manager {
     engine: Arc<dyn Engine>,
     server: ServerProcess,
+    prober: Arc<Prober>,
     cfg: NbdConfig,
     host: String,
     pool: PgPool,
@@ -243,19 +253,35 @@ impl Manager {
             }
         }
         let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut flushed = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 first = rx.recv() => match first {
+                    // One batch at a time: while its checks run, the next
+                    // changes queue up and form the next batch, which then
+                    // costs one lock, one sync, one listing and at most one
+                    // reload for all of them. (Checking a batch while the
+                    // next is written was measured slower: smaller batches,
+                    // a listing each.)
                     Some(first) => {
                         let batch = self.gather(first, &mut rx).await;
-                        self.apply(batch).await;
+                        if let Some(written) = self.write_batch(batch).await {
+                            let checked = written.check().await;
+                            self.finish_batch(checked).await;
+                        }
                     }
                     None => break,
                 },
                 _ = watch.tick() => self.watch().await,
             }
-            self.flush_stats().await;
+            // The counters are for reports: written when the manager is
+            // idle, and at least every second of a long burst, rather
+            // than a commit per batch.
+            if rx.is_empty() || flushed.elapsed() >= Duration::from_secs(1) {
+                self.flush_stats().await;
+                flushed = Instant::now();
+            }
         }
         self.shutdown(rx).await;
     }
@@ -405,7 +431,7 @@ impl Manager {
                 .map(|r| r.export_name.as_str())
                 .filter(|n| configured.contains(*n))
                 .collect();
-            let failed = self.check_names(&expected).await;
+            let failed = self.prober.check_names(&expected).await;
             for (name, why) in &failed {
                 error!(export = %name, cause = %why,
                        "recorded export is not served after the NBD server restart");
@@ -444,35 +470,6 @@ impl Manager {
 
     /// Checks that each of `names` is served, a few at a time; returns the
     /// ones that are not, with why.
-    async fn check_names(&self, names: &[&str]) -> Vec<(String, String)> {
-        let few = tokio::sync::Semaphore::new(self.check_concurrency());
-        let few = &few;
-        let checks = names.iter().map(|name| async move {
-            let _turn = few.acquire().await.ok();
-            self.check_served(name)
-                .await
-                .err()
-                .map(|why| (name.to_string(), why))
-        });
-        futures_util::future::join_all(checks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    /// How many live checks run at once. nbd-server negotiates each
-    /// connection before it forks, so dozens of simultaneous probes queue
-    /// up behind each other and time out: four at a time. nbdkit serves
-    /// each connection on a thread of its own, and a wave's checks are
-    /// most of an attach's time: 32.
-    fn check_concurrency(&self) -> usize {
-        match self.cfg.engine {
-            NbdEngineKind::NbdServer => 4,
-            NbdEngineKind::Nbdkit => 32,
-        }
-    }
-
     /// An adopted server may lack exports written while nobody watched it
     /// (volumed died between writing and reloading). Then a managed idle
     /// server is restarted; otherwise it is reloaded once.
@@ -571,7 +568,10 @@ impl Manager {
         }
     }
 
-    async fn apply(&mut self, batch: Vec<Request>) {
+    /// Writes every change of a batch under the lock, with one directory
+    /// sync and at most one restart or reload for all of them. `None` when
+    /// nothing could be written (every requester has its answer already).
+    async fn write_batch(&mut self, batch: Vec<Request>) -> Option<Written> {
         let lock = match self.lock().await {
             Ok(l) => l,
             Err(e) => {
@@ -579,7 +579,7 @@ impl Manager {
                 for r in batch {
                     let _ = r.reply.send(Err(ExportError::Failed(msg.clone())));
                 }
-                return;
+                return None;
             }
         };
         if self.server.pid().is_none() && self.cfg.manage {
@@ -589,7 +589,7 @@ impl Manager {
                 for r in batch {
                     let _ = r.reply.send(Err(ExportError::Failed(msg.clone())));
                 }
-                return;
+                return None;
             }
         }
 
@@ -660,17 +660,25 @@ impl Manager {
             self.make_visible(&added, batch.len()).await;
         }
 
-        // 3. Live checks, all at once and without the lock: they only
-        //    read, and another process may need the lock meanwhile (to
-        //    restart a server that died, say).
+        // The checks run without the lock: they only read, and another
+        // process may need the lock meanwhile (to restart a server that
+        // died, say).
         drop(lock);
-        let checks_started = Instant::now();
-        let mut results = self.check_all(&batch, &outcomes).await;
-        debug!(
-            changes = batch.len(),
-            check_ms = checks_started.elapsed().as_millis() as u64,
-            "export batch applied and checked"
-        );
+        Some(Written {
+            prober: Arc::clone(&self.prober),
+            batch,
+            outcomes,
+        })
+    }
+
+    /// Recovers a server the batch's changes crashed and checks again,
+    /// undoes adds that are not live, and answers every requester.
+    async fn finish_batch(&mut self, checked: Checked) {
+        let Checked {
+            batch,
+            outcomes,
+            mut results,
+        } = checked;
         let dead = self.server.pid().is_none();
         if dead && self.cfg.manage && results.iter().any(|r| matches!(r, Some(Err(_)))) {
             // The change crashed the server: restart it (which reads every
@@ -686,7 +694,7 @@ impl Manager {
                             _ => Some(Ok(())),
                         })
                         .collect();
-                    let again = self.check_all(&batch, &retry).await;
+                    let again = self.prober.check_all(&batch, &retry).await;
                     for (r, a) in results.iter_mut().zip(again) {
                         if a.is_some() {
                             *r = a;
@@ -725,33 +733,6 @@ impl Manager {
                 .unwrap_or_else(|| Err(ExportError::Failed("not applied".into())));
             let _ = r.reply.send(result);
         }
-    }
-
-    /// Checks every change of a batch that has no outcome yet, a few at a
-    /// time.
-    async fn check_all(
-        &self,
-        batch: &[Request],
-        outcomes: &[Option<Result<(), ExportError>>],
-    ) -> Vec<Option<Result<(), ExportError>>> {
-        let few = tokio::sync::Semaphore::new(self.check_concurrency());
-        let few = &few;
-        let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
-            if o.is_some() {
-                return None;
-            }
-            let _turn = few.acquire().await.ok();
-            Some(match &r.change {
-                Change::Add(spec) => self.check_served(spec.name.as_str()).await.map_err(|why| {
-                    ExportError::Failed(format!("export {} is not live: {why}", spec.name))
-                }),
-                Change::Withdraw(name) => self
-                    .check_refused(name.as_str())
-                    .await
-                    .map_err(ExportError::Failed),
-            })
-        });
-        futures_util::future::join_all(checks).await
     }
 
     /// Makes a running nbd-server serve the exports just added.
@@ -813,6 +794,135 @@ impl Manager {
         }
     }
 
+    async fn flush_stats(&mut self) {
+        if self.pending == NbdStats::default() {
+            return;
+        }
+        match db::bump_nbd_stats(
+            &self.pool,
+            &self.host,
+            self.cfg.engine.as_str(),
+            &self.pending,
+        )
+        .await
+        {
+            Ok(()) => self.pending = NbdStats::default(),
+            Err(e) => debug!(cause = %e, "cannot record NBD counters yet"),
+        }
+    }
+}
+
+/// A batch written, its checks not yet run.
+struct Written {
+    prober: Arc<Prober>,
+    batch: Vec<Request>,
+    outcomes: Vec<Option<Result<(), ExportError>>>,
+}
+
+/// A batch with the outcome of its checks.
+struct Checked {
+    batch: Vec<Request>,
+    outcomes: Vec<Option<Result<(), ExportError>>>,
+    results: Vec<Option<Result<(), ExportError>>>,
+}
+
+impl Written {
+    /// Runs the live checks of every change that has no outcome yet.
+    async fn check(self) -> Checked {
+        let started = Instant::now();
+        let results = self.prober.check_all(&self.batch, &self.outcomes).await;
+        debug!(
+            changes = self.batch.len(),
+            check_ms = started.elapsed().as_millis() as u64,
+            "export batch applied and checked"
+        );
+        Checked {
+            batch: self.batch,
+            outcomes: self.outcomes,
+            results,
+        }
+    }
+}
+
+/// The live checks. They only read: they connect to the server like any
+/// client, and own what they need, so a batch's checks hold no borrow of
+/// the manager.
+struct Prober {
+    cfg: NbdConfig,
+    server: ServerProcess,
+    /// How many live checks run at once. nbd-server negotiates each
+    /// connection before it forks, so dozens of simultaneous probes queue
+    /// up behind each other and time out: four at a time. nbdkit serves
+    /// each connection on a thread of its own, and a wave's checks are
+    /// most of an attach's time: 32.
+    few: tokio::sync::Semaphore,
+}
+
+impl Prober {
+    /// Checks every change of a batch that has no outcome yet, a few at a
+    /// time.
+    async fn check_all(
+        &self,
+        batch: &[Request],
+        outcomes: &[Option<Result<(), ExportError>>],
+    ) -> Vec<Option<Result<(), ExportError>>> {
+        // One listing for the whole batch, then each change opened on its
+        // own: a listing costs the server a walk over every export (nbdkit
+        // reads its whole directory), so one per export would make a wave's
+        // checks grow with the square of its size. An add missing from
+        // that listing (a reload not taken yet) gets the full check, with
+        // its retries.
+        let adds = batch
+            .iter()
+            .zip(outcomes)
+            .any(|(r, o)| o.is_none() && matches!(r.change, Change::Add(_)));
+        let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
+            (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
+                .await
+                .map(|names| names.into_iter().collect())
+                .unwrap_or_default(),
+            _ => HashSet::new(),
+        };
+        let listed = &listed;
+        let few = &self.few;
+        let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
+            if o.is_some() {
+                return None;
+            }
+            let _turn = few.acquire().await.ok();
+            Some(match &r.change {
+                Change::Add(spec) => {
+                    self.check_listed(spec.name.as_str(), listed)
+                        .await
+                        .map_err(|why| {
+                            ExportError::Failed(format!("export {} is not live: {why}", spec.name))
+                        })
+                }
+                Change::Withdraw(name) => self
+                    .check_refused(name.as_str())
+                    .await
+                    .map_err(ExportError::Failed),
+            })
+        });
+        futures_util::future::join_all(checks).await
+    }
+
+    async fn check_names(&self, names: &[&str]) -> Vec<(String, String)> {
+        let few = &self.few;
+        let checks = names.iter().map(|name| async move {
+            let _turn = few.acquire().await.ok();
+            self.check_served(name)
+                .await
+                .err()
+                .map(|why| (name.to_string(), why))
+        });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Listed and opened within the check timeout.
     async fn check_served(&self, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + self.cfg.check_timeout;
@@ -838,10 +948,43 @@ impl Manager {
         }
     }
 
+    /// An export the batch's listing showed is served once it opens;
+    /// anything else gets the full check.
+    async fn check_listed(&self, name: &str, listed: &HashSet<String>) -> Result<(), String> {
+        if listed.contains(name) {
+            let open = proto::open(
+                &self.cfg.listen,
+                self.cfg.port,
+                name,
+                self.cfg.check_timeout,
+            )
+            .await;
+            if let Ok(Open::Served { .. }) = open {
+                return Ok(());
+            }
+        }
+        self.check_served(name).await
+    }
+
+    /// Opens `name` without listing (the refusal is what a withdrawal is
+    /// checked for); through `nbdinfo` when TLS is required.
+    async fn open(&self, name: &str) -> Result<Open, NbdError> {
+        if self.cfg.tls_psk.is_some() {
+            return self.probe(name).await.map(|p| p.open);
+        }
+        proto::open(
+            &self.cfg.listen,
+            self.cfg.port,
+            name,
+            self.cfg.check_timeout,
+        )
+        .await
+    }
+
     /// A new connection to `name` is refused.
     async fn check_refused(&self, name: &str) -> Result<(), String> {
-        match self.probe(name).await {
-            Ok(p) if matches!(p.open, Open::Refused { .. }) => Ok(()),
+        match self.open(name).await {
+            Ok(Open::Refused { .. }) => Ok(()),
             Ok(_) => Err(format!(
                 "export {name} still accepts connections after withdrawal"
             )),
@@ -912,22 +1055,5 @@ impl Manager {
             .await
             .map_err(|_| NbdError::Timeout(self.cfg.check_timeout))?
             .map_err(NbdError::Io)
-    }
-
-    async fn flush_stats(&mut self) {
-        if self.pending == NbdStats::default() {
-            return;
-        }
-        match db::bump_nbd_stats(
-            &self.pool,
-            &self.host,
-            self.cfg.engine.as_str(),
-            &self.pending,
-        )
-        .await
-        {
-            Ok(()) => self.pending = NbdStats::default(),
-            Err(e) => debug!(cause = %e, "cannot record NBD counters yet"),
-        }
     }
 }
