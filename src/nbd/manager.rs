@@ -474,6 +474,13 @@ impl Manager {
     /// (volumed died between writing and reloading). Then a managed idle
     /// server is restarted; otherwise it is reloaded once.
     async fn catch_up(&mut self, pid: Pid, configured: &HashSet<String>) -> Result<Pid> {
+        // nbdkit serves its directory as it is at each connection: there is
+        // nothing to catch up on, and under TLS the built-in client cannot
+        // list it, so an empty listing would restart a server whose clients
+        // (threads, not child processes) look like none.
+        if self.cfg.engine == NbdEngineKind::Nbdkit && self.cfg.tls_psk.is_some() {
+            return Ok(pid);
+        }
         let listed = self.list_until_up().await.unwrap_or_default();
         if configured.iter().all(|n| listed.contains(n)) {
             return Ok(pid);
