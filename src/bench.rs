@@ -349,7 +349,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
 
     // The burst.
     let client = Client::connect_tls(&config.amqp_url, &config.amqp_tls).await?;
-    let mut sub = client.subscribe("#").await?;
+    let sub = client.subscribe("#").await?;
     let mut requests = Vec::with_capacity(plan.requests);
     for i in 0..plan.requests {
         let v = i % plan.volumes;
@@ -363,6 +363,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     }
     let commits_before = commits(&pool).await?;
     let t0 = Instant::now();
+    let (seen, mut events) = arrivals(t0, sub);
     let mut published: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
     for r in &requests {
         published.insert(r.request_id, t0.elapsed());
@@ -372,23 +373,24 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let mut failed = 0;
     let deadline = Duration::from_secs(600);
     while done.len() < plan.requests && t0.elapsed() < deadline {
-        let Some(e) = sub.next(Duration::from_secs(30)).await? else {
+        let next = tokio::time::timeout(Duration::from_secs(30), events.recv()).await;
+        let Ok(Some((e, at))) = next else {
             break;
         };
         if published.contains_key(&e.request_id) && !done.contains_key(&e.request_id) {
-            done.insert(e.request_id, t0.elapsed());
+            done.insert(e.request_id, at);
             if !e.event_type.succeeded() {
                 failed += 1;
             }
         }
     }
+    seen.abort();
     let seconds = done
         .values()
         .max()
         .copied()
         .unwrap_or_default()
         .as_secs_f64();
-    let commits_after = commits(&pool).await?;
     let (_, peak_rss) = rss(pid);
     let step_means_ms = match reqwest::get(format!("http://{http}/metrics")).await {
         Ok(r) => step_means(&r.text().await.unwrap_or_default()),
@@ -416,6 +418,11 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    // A busy PostgreSQL session reports its commits to the statistics
+    // only now and then (up to 10 s late); one that ends reports them at
+    // once. So the count is read once the daemon's sessions are gone; it
+    // includes its shutdown (a last relay pass, nothing per request).
+    let commits_after = commits(&pool).await?;
     client.close().await;
     cleanup(config, &pool, &host).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -450,6 +457,27 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         step_means_ms,
         samples,
     })
+}
+
+/// Receives events in a task of its own and stamps each with its arrival
+/// time, so that publishing the burst does not delay (and so inflate) the
+/// times of the events that arrive meanwhile.
+fn arrivals(
+    t0: Instant,
+    mut sub: crate::client::Subscription,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<(crate::contract::Event, Duration)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(e)) = sub.next(Duration::from_secs(30)).await {
+            if tx.send((e, t0.elapsed())).is_err() {
+                break;
+            }
+        }
+    });
+    (task, rx)
 }
 
 /// Removes the bench host's rows and queues.
@@ -582,6 +610,20 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     let body =
         serde_json::to_vec(&serde_json::json!({"op": "attach", "volume_id": Uuid::new_v4()}))?;
     let t0 = Instant::now();
+    // Arrivals stamped as they come, as for the daemon (see `arrivals`).
+    let (stamp, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
+    let receiver = tokio::spawn(async move {
+        while let Some(Ok(d)) = out.next().await {
+            let at = t0.elapsed();
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            let mid = d.properties.message_id().as_ref().map(|m| m.to_string());
+            if let Some(mid) = mid {
+                if stamp.send((mid, at)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
     let published: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
     for _ in 0..plan.requests {
         let mid = Uuid::new_v4().to_string();
@@ -605,21 +647,18 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     let mut lat = Vec::with_capacity(plan.requests);
     let mut last = Duration::ZERO;
     while lat.len() < plan.requests {
-        let next = tokio::time::timeout(Duration::from_secs(60), out.next()).await;
-        let Ok(Some(Ok(d))) = next else { break };
-        let at = t0.elapsed();
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-        if let Some(mid) = d.properties.message_id() {
-            if let Some(p) = published
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(mid.as_str())
-            {
-                lat.push(at.saturating_sub(*p));
-                last = at;
-            }
+        let next = tokio::time::timeout(Duration::from_secs(60), arrived.recv()).await;
+        let Ok(Some((mid, at))) = next else { break };
+        if let Some(p) = published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mid.as_str())
+        {
+            lat.push(at.saturating_sub(*p));
+            last = at;
         }
     }
+    receiver.abort();
     worker.abort();
     let _ = ch.queue_delete(&inq, QueueDeleteOptions::default()).await;
     let _ = ch.queue_delete(&outq, QueueDeleteOptions::default()).await;

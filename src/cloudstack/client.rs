@@ -336,11 +336,14 @@ impl Client {
         let started = Instant::now();
         let deadline = started + self.cfg.job_timeout;
         // The first look comes shortly before jobs have typically taken,
-        // then looks come 100 ms apart, growing by half each time up to 5 s:
-        // a finished job is noticed within a poll or two without polling
-        // CloudStack all the time.
+        // then looks come 50 ms apart until a quarter past the typical
+        // time, then growing by half each time up to 5 s: a job that takes
+        // its usual time is noticed within 50 ms (on one VM, jobs run one
+        // after another, so each delay adds to the whole wave) without
+        // polling CloudStack all the time.
         let typical = Duration::from_millis(self.typical_job_ms.load(Ordering::Relaxed));
-        let mut delay = typical.mul_f64(0.9).max(Duration::from_millis(250));
+        let close = typical.mul_f64(1.25);
+        let mut delay = typical.mul_f64(0.95).max(Duration::from_millis(250));
         loop {
             let now = Instant::now();
             tokio::time::sleep(delay.min(deadline.saturating_duration_since(now))).await;
@@ -368,8 +371,8 @@ impl Client {
                     waited: self.cfg.job_timeout,
                 });
             }
-            delay = if delay > Duration::from_millis(100) && started.elapsed() < typical {
-                Duration::from_millis(100)
+            delay = if started.elapsed() < close {
+                Duration::from_millis(50)
             } else {
                 delay
                     .mul_f64(1.5)
