@@ -58,45 +58,13 @@ fn error_history(env: &Env, id: i64) -> Vec<serde_json::Value> {
 /// bound to it with each of `keys`: it receives a copy of every request
 /// published to those hosts, replays included.
 async fn tap_requests(env: &Env, name: &str, keys: &[&str]) {
-    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
-    let conn = volumed::amqp::connect(&env.amqp_url, "test")
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.exchange_declare(
+    env.durable_queue(
+        name,
         topology::REQUESTS_EXCHANGE,
         lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
+        keys,
     )
-    .await
-    .expect("exchange");
-    ch.queue_declare(
-        name,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare");
-    for key in keys {
-        ch.queue_bind(
-            name,
-            topology::REQUESTS_EXCHANGE,
-            key,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    }
-    let _ = conn.close(200, "done").await;
+    .await;
 }
 
 /// A header of a message as an integer, if it is one.

@@ -231,6 +231,24 @@ impl Env {
     /// A durable queue bound to every event, which outlives connections
     /// (for tests that cut the broker off).
     pub async fn durable_event_queue(&self, name: &str) {
+        self.durable_queue(
+            name,
+            volumed::topology::EVENTS_EXCHANGE,
+            lapin::ExchangeKind::Topic,
+            &["#"],
+        )
+        .await;
+    }
+
+    /// Declares the durable `exchange` (as the daemon does) and a durable
+    /// queue `name` bound to it with each of `keys`.
+    pub async fn durable_queue(
+        &self,
+        name: &str,
+        exchange: &str,
+        kind: lapin::ExchangeKind,
+        keys: &[&str],
+    ) {
         let conn = volumed::amqp::connect(&self.amqp_url, "test")
             .await
             .expect("connect");
@@ -246,8 +264,8 @@ impl Env {
         .await
         .expect("declare");
         ch.exchange_declare(
-            volumed::topology::EVENTS_EXCHANGE,
-            lapin::ExchangeKind::Topic,
+            exchange,
+            kind,
             lapin::options::ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -256,15 +274,17 @@ impl Env {
         )
         .await
         .expect("exchange");
-        ch.queue_bind(
-            name,
-            volumed::topology::EVENTS_EXCHANGE,
-            "#",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+        for key in keys {
+            ch.queue_bind(
+                name,
+                exchange,
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        }
         let _ = conn.close(200, "done").await;
     }
 
