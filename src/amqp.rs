@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{AmqpTls, SecretUrl};
@@ -29,8 +30,15 @@ pub async fn connect_with(url: &SecretUrl, tls: &AmqpTls, name: &str) -> Result<
         }),
         cert_chain: tls.ca_pem.clone(),
     };
-    let connect = Connection::connect_with_config(
-        url.expose(),
+    // The URL's own words are kept out of the error: it holds the password.
+    let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
+        anyhow::anyhow!("{url} is not an AMQP URL: {}", e.replace(url.expose(), "…"))
+    })?;
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(FRAME_MAX);
+    }
+    let connect = Connection::connect_uri_with_config(
+        uri,
         ConnectionProperties::default().with_connection_name(name.into()),
         config,
     );
@@ -40,6 +48,14 @@ pub async fn connect_with(url: &SecretUrl, tls: &AmqpTls, name: &str) -> Result<
         .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("cannot connect to RabbitMQ at {url}"))
 }
+
+/// The largest frame asked for, unless the URL names one (`?frame_max=`).
+/// The client keeps a send and a receive buffer of 32 frames for each
+/// connection, allocated and written in full: at RabbitMQ's default of
+/// 128 KiB that is 8 MiB a connection, most of the daemon's memory at rest.
+/// Requests and events are a few hundred bytes; a larger body is simply
+/// sent in several frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

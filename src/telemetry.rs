@@ -30,7 +30,12 @@ pub fn init(format: LogFormat, configured: Option<&str>) {
     };
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: under systemd, in a file or
+    // a pipe, escape codes would land in the log.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     // A second init (tests) is harmless: keep the first.
     let installed = match format {
         LogFormat::Json => registry

@@ -1162,3 +1162,33 @@ async fn a_request_id_reused_for_another_volume_is_dead_lettered() {
     assert_eq!(events, 1, "no second event for the id");
     client.close().await;
 }
+
+/// The daemon's connections ask for small frames: the client keeps 32
+/// frames of buffer each way per connection, which at the broker's
+/// default frame size was most of the daemon's memory at rest. A frame
+/// size named in the URL is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_ask_for_small_frames_unless_the_url_names_a_size() {
+    let env = Env::new("frames").await;
+    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    assert_eq!(conn.configuration().frame_max(), volumed::amqp::FRAME_MAX);
+    let _ = conn.close(200, "done").await;
+    let named =
+        volumed::config::SecretUrl::new(format!("{}?frame_max=65536", env.amqp_url.expose()));
+    let conn = volumed::amqp::connect(&named, "test")
+        .await
+        .expect("connect");
+    assert_eq!(conn.configuration().frame_max(), 65536);
+    let _ = conn.close(200, "done").await;
+    // A large request still travels (in several frames) and is served.
+    let _d = env.start(HOST, &[]);
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let mut attach = Outgoing::attach(HOST, vol, env.appliance, false);
+    attach.body["metadata"] = serde_json::json!({ "note": "x".repeat(60 * 1024) });
+    let ev = client.request_and_wait(attach, WAIT).await.expect("event");
+    assert!(ev.event_type.succeeded(), "{ev:?}");
+    client.close().await;
+}
