@@ -416,3 +416,82 @@ async fn sighup_applies_the_log_filter_and_survives_a_bad_configuration() {
     assert_eq!(ev.event_type, EventType::AttachSucceeded);
     client.close().await;
 }
+
+/// The `operation` span of a JSON log line, if the line was logged inside
+/// one (tracing-subscriber lists the enclosing spans under `spans`).
+fn operation_span(line: &serde_json::Value) -> Option<&serde_json::Value> {
+    line.get("spans")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("name").and_then(serde_json::Value::as_str) == Some("operation"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_operation_fields_and_text_is_the_default() {
+    let env = Env::new("jsonlog").await;
+    let d = env.start(HOST, &[("VOLUMED_LOG_FORMAT", "json")]);
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let ev = client
+        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
+        .await
+        .expect("attach event");
+    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    let id = ev.request_id.to_string();
+    let vol_id = vol.to_string();
+
+    // The event is published from the outbox after the operation's last
+    // line; wait for that line rather than assume it was read already.
+    d.wait_log(&format!("\"request.id\":\"{id}\""), WAIT);
+    let log = d.log();
+    let mut in_operation = 0;
+    for line in &log {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\nlog:\n{}", log.join("\n")));
+        assert!(v.is_object(), "not a JSON object: {line}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+        let Some(span) = operation_span(&v) else {
+            continue;
+        };
+        if span.get("request.id").and_then(serde_json::Value::as_str) != Some(id.as_str()) {
+            continue;
+        }
+        in_operation += 1;
+        assert_eq!(
+            span.get("volume.id").and_then(serde_json::Value::as_str),
+            Some(vol_id.as_str()),
+            "{line}"
+        );
+        assert_eq!(
+            span.get("host").and_then(serde_json::Value::as_str),
+            Some(HOST),
+            "{line}"
+        );
+    }
+    assert!(
+        in_operation >= 1,
+        "no line inside the attach's operation span:\n{}",
+        log.join("\n")
+    );
+    client.close().await;
+    drop(d);
+
+    // Without the setting the same daemon logs text.
+    let d = env.start(HOST, &[]);
+    let log = d.log();
+    assert!(!log.is_empty());
+    for line in &log {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_err(),
+            "a JSON line by default: {line}"
+        );
+    }
+    assert!(
+        log.iter().any(|l| l.contains("consuming requests")),
+        "{}",
+        log.join("\n")
+    );
+}

@@ -109,8 +109,8 @@ fn make_pki(dir: &Path) {
     );
 }
 
-/// An `openssl s_server` that demands a client certificate signed by the
-/// CA, accepts one connection and prints what it receives.
+/// An `openssl s_server` with the CA's localhost certificate, printing what
+/// it receives.
 struct TlsServer {
     child: std::process::Child,
     port: u16,
@@ -118,7 +118,19 @@ struct TlsServer {
 }
 
 impl TlsServer {
+    /// Demands a client certificate signed by the CA and accepts one
+    /// connection.
     fn start(dir: &Path) -> TlsServer {
+        TlsServer::spawn(dir, &["-CAfile", "ca.pem", "-Verify", "1", "-naccept", "1"])
+    }
+
+    /// Answers every HTTPS request with its status page (`-www`), asking for
+    /// no client certificate.
+    fn www(dir: &Path) -> TlsServer {
+        TlsServer::spawn(dir, &["-www"])
+    }
+
+    fn spawn(dir: &Path, extra: &[&str]) -> TlsServer {
         let port = common::free_port();
         let mut child = Command::new("openssl")
             .args([
@@ -129,13 +141,8 @@ impl TlsServer {
                 "server.pem",
                 "-key",
                 "server.key",
-                "-CAfile",
-                "ca.pem",
-                "-Verify",
-                "1",
-                "-naccept",
-                "1",
             ])
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -245,6 +252,61 @@ async fn amqps_verifies_the_broker_with_the_ca_and_presents_the_client_certifica
         "{msg}"
     );
     assert!(!server.text().contains("AMQP"), "nothing sent in clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudstack_is_reached_over_verified_tls() {
+    use volumed::cloudstack::client::{Client, CsError};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_pki(dir.path());
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let server = TlsServer::www(dir.path());
+    let url = format!("https://127.0.0.1:{}/client/api", server.port);
+    let client = |extra: &[(&str, String)]| {
+        let mut vars = vec![
+            ("VOLUMED_BACKEND", "cloudstack".to_owned()),
+            ("VOLUMED_CLOUDSTACK_URL", url.clone()),
+            ("VOLUMED_CLOUDSTACK_API_KEY", "key".into()),
+            ("VOLUMED_CLOUDSTACK_SECRET_KEY", "secret".into()),
+            ("VOLUMED_CLOUDSTACK_TIMEOUT_SECS", "10".into()),
+        ];
+        vars.extend(extra.iter().cloned());
+        let cfg = config(&vars).expect("CloudStack settings load");
+        Client::new(cfg.cloudstack.as_ref().expect("the CloudStack backend")).expect("client built")
+    };
+    // `call` sends one request: the read helpers would retry a transport
+    // error, which says nothing more here.
+    let list = |c: Client| async move {
+        c.call("listVolumes", &[("listall", "true".into())])
+            .await
+            .expect_err("s_server does not speak the CloudStack API")
+    };
+    let is_cert_error = |e: &CsError| e.to_string().to_lowercase().contains("certificate");
+
+    // Verification is on by default, and the private CA is not among the
+    // system's roots: the handshake fails on the server's certificate.
+    let err = list(client(&[])).await;
+    assert!(
+        matches!(err, CsError::Transport(_)) && is_cert_error(&err),
+        "expected a certificate error, got {err:?}"
+    );
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+
+    // With the CA trusted, the handshake completes and s_server's HTML
+    // status page arrives, which is not a CloudStack JSON answer.
+    let err = list(client(&[("VOLUMED_CLOUDSTACK_CA_FILE", ca.clone())])).await;
+    assert!(
+        matches!(err, CsError::Decode(_)) && !is_cert_error(&err),
+        "expected the HTTP answer to be read, got {err:?}"
+    );
+
+    // With verification off, the unknown issuer does not matter either.
+    let err = list(client(&[("VOLUMED_CLOUDSTACK_TLS_VERIFY", "false".into())])).await;
+    assert!(
+        matches!(err, CsError::Decode(_)) && !is_cert_error(&err),
+        "expected the HTTP answer to be read, got {err:?}"
+    );
 }
 
 #[test]
