@@ -74,20 +74,11 @@ fn first_mib(p: &Path) -> Vec<u8> {
     data[..1 << 20].to_vec()
 }
 
+/// The server's answer about `name`. With nbd-server an idle restart
+/// (which drops the sections of withdrawn exports) may be under way at any
+/// moment after a detach: a refused connection is a moment of it, not an
+/// answer, so it is waited out.
 async fn probe(env: &Env, name: &str) -> proto::Probe {
-    proto::probe(
-        "127.0.0.1",
-        env.nbd_port(HOST),
-        name,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("server answers")
-}
-
-/// A probe's answer, waiting out a server restart (connections refused
-/// for a moment).
-async fn answer(env: &Env, name: &str) -> proto::Probe {
     let start = std::time::Instant::now();
     loop {
         match proto::probe(
@@ -221,9 +212,7 @@ async fn detach_withdraws_the_export(engine: &str) {
 
     let ev = detach(&env, vol).await;
     assert_eq!(ev.event_type, EventType::DetachSucceeded, "{ev:?}");
-    // With nbd-server the idle restart that drops the stale section may be
-    // under way: a refused connection is a moment of it, not an answer.
-    let p = answer(&env, &name).await;
+    let p = probe(&env, &name).await;
     assert!(matches!(p.open, Open::Refused { .. }), "{p:?}");
     assert!(!config_mentions(&env, engine, &name));
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM nbd_exports")
