@@ -102,16 +102,7 @@ pub async fn run(
         interval: config.reconcile_interval,
     });
     tokio::spawn(crate::reconcile::periodic(
-        Reconciler {
-            host: config.host_id.clone(),
-            appliance_vm,
-            device_dir: config.device_dir.clone(),
-            pool: pool.clone(),
-            backend: Arc::clone(&backend),
-            engine: crate::nbd::engine_for(&config.nbd),
-            nbd: config.nbd.clone(),
-            stuck_after: config.stuck_after,
-        },
+        Reconciler::from_config(&config, appliance_vm, pool.clone(), Arc::clone(&backend)),
         schedule_rx,
         stop_reconcile.clone(),
     ));

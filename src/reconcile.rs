@@ -133,6 +133,25 @@ struct Snapshot {
 }
 
 impl Reconciler {
+    /// The reconciler of `config`'s host, looking through `backend`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        appliance_vm: Uuid,
+        pool: PgPool,
+        backend: Arc<dyn Backend>,
+    ) -> Reconciler {
+        Reconciler {
+            host: config.host_id.clone(),
+            appliance_vm,
+            device_dir: config.device_dir.clone(),
+            pool,
+            backend,
+            engine: crate::nbd::engine_for(&config.nbd),
+            nbd: config.nbd.clone(),
+            stuck_after: config.stuck_after,
+        }
+    }
+
     /// Looks, reports, and with `apply` repairs.
     pub async fn run(&self, apply: bool) -> Result<Report> {
         let started = Utc::now();

@@ -288,16 +288,13 @@ async fn chaos_keeps_every_invariant() {
         }
         volumed::config::Config::load_with(None, &|k| vars.get(k).cloned()).expect("config")
     };
-    let reconciler = volumed::reconcile::Reconciler {
-        host: HOST.into(),
-        appliance_vm: env.appliance,
-        device_dir: config.device_dir.clone(),
-        pool: env.pool.clone(),
-        backend: volumed::backend::build(&config, env.appliance).expect("backend"),
-        engine: volumed::nbd::engine_for(&config.nbd),
-        nbd: config.nbd.clone(),
-        stuck_after: Duration::from_secs(3600),
-    };
+    let backend = volumed::backend::build(&config, env.appliance).expect("backend");
+    let reconciler = volumed::reconcile::Reconciler::from_config(
+        &config,
+        env.appliance,
+        env.pool.clone(),
+        backend,
+    );
     // The restarted daemon's export manager first brings its server up.
     let mut report = reconciler.run(false).await.expect("reconcile");
     let settle = Instant::now();

@@ -210,16 +210,8 @@ fn reconciler(env: &Env, host: &str, nbd_port: u16) -> volumed::reconcile::Recon
     let mut config =
         volumed::config::Config::load_with(None, &|k| vars.get(k).cloned()).expect("config");
     config.nbd.port = nbd_port;
-    volumed::reconcile::Reconciler {
-        host: host.into(),
-        appliance_vm: env.appliance,
-        device_dir: config.device_dir.clone(),
-        pool: env.pool.clone(),
-        backend: volumed::backend::build(&config, env.appliance).expect("backend"),
-        engine: volumed::nbd::engine_for(&config.nbd),
-        nbd: config.nbd.clone(),
-        stuck_after: Duration::from_secs(3600),
-    }
+    let backend = volumed::backend::build(&config, env.appliance).expect("backend");
+    volumed::reconcile::Reconciler::from_config(&config, env.appliance, env.pool.clone(), backend)
 }
 
 fn drifts_of<'a>(

@@ -23,16 +23,8 @@ pub async fn run(cli: &Cli, a: &ReconcileArgs) -> Result<ExitCode> {
     let config = cli.load_config()?;
     let appliance_vm = config.require_appliance_vm()?;
     let pool = crate::db::connect(&config.database_url, 2).await?;
-    let r = Reconciler {
-        host: config.host_id.clone(),
-        appliance_vm,
-        device_dir: config.device_dir.clone(),
-        pool: pool.clone(),
-        backend: crate::backend::build(&config, appliance_vm)?,
-        engine: crate::nbd::engine_for(&config.nbd),
-        nbd: config.nbd.clone(),
-        stuck_after: config.stuck_after,
-    };
+    let backend = crate::backend::build(&config, appliance_vm)?;
+    let r = Reconciler::from_config(&config, appliance_vm, pool.clone(), backend);
     let report = r.run(a.apply).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
