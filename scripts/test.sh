@@ -31,4 +31,12 @@ cargo build --all-targets
 # run side by side; four at a time keeps the number of live databases, broker
 # connections and NBD servers bounded on small CI machines.
 step "cargo test"
-cargo test --all-targets "$@" -- --test-threads=4
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets "$@" -- --test-threads=4 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run: cargo prints a result line per test
+# binary, the last of which (doc tests) says "0 passed".
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
