@@ -105,12 +105,6 @@ impl ServerProcess {
 
 /// Direct children of `pid` (nbd-server forks one per client connection).
 pub fn children(pid: Pid) -> Vec<Pid> {
-    // The kernel's own list of each thread's children: a few reads, where
-    // walking /proc reads the status of every process on the host (this
-    // runs on every detach, while a wave keeps the host busy).
-    if let Some(kids) = listed_children(pid) {
-        return kids;
-    }
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -119,23 +113,6 @@ pub fn children(pid: Pid) -> Vec<Pid> {
         .filter(|p| parent_of(*p) == Some(pid.as_raw()))
         .map(Pid::from_raw)
         .collect()
-}
-
-/// `/proc/<pid>/task/<tid>/children` of every thread of `pid`; `None` when
-/// the kernel does not provide the files (built without
-/// `CONFIG_PROC_CHILDREN`) or the process is gone.
-fn listed_children(pid: Pid) -> Option<Vec<Pid>> {
-    let mut kids = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let path = task.ok()?.path().join("children");
-        let text = std::fs::read_to_string(path).ok()?;
-        kids.extend(
-            text.split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-                .map(Pid::from_raw),
-        );
-    }
-    Some(kids)
 }
 
 fn parent_of(pid: i32) -> Option<i32> {
@@ -163,25 +140,4 @@ fn process_holds(pid: Pid, target: &Path) -> bool {
     fds.filter_map(Result::ok)
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
         .any(|p| p == target)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn children_are_found_from_the_kernels_lists() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep runs");
-        let me = Pid::this();
-        let kid = Pid::from_raw(child.id() as i32);
-        let listed = listed_children(me).expect("the kernel lists children");
-        assert!(listed.contains(&kid), "{kid} not in {listed:?}");
-        assert!(children(me).contains(&kid));
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(!children(me).contains(&kid), "a reaped child is gone");
-    }
 }
