@@ -646,6 +646,22 @@ impl Reconciler {
         if crate::db::volume_busy(&mut *tx, volume).await? {
             return Ok("skipped: an operation on the volume started meanwhile".into());
         }
+        // And the drift itself: an operation that finished between the
+        // snapshot's reads (its journal time is its transaction's start,
+        // which can be earlier than this run) may have recorded it already.
+        if let DbRepair::RecordOnAppliance { .. } = change {
+            let recorded: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM volume_attachments
+                                 WHERE volume_id = $1 AND vm_id = $2)",
+            )
+            .bind(volume)
+            .bind(self.appliance_vm)
+            .fetch_one(&mut *tx)
+            .await?;
+            if recorded {
+                return Ok("skipped: recorded meanwhile".into());
+            }
+        }
         self.apply_db(&mut tx, volume, &change).await?;
         self.reconciled_event(&mut tx, volume, kind, action).await?;
         tx.commit().await?;
