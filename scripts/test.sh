@@ -28,13 +28,15 @@ step "cargo build"
 cargo build --all-targets
 
 # Each integration test owns its database, queues and NBD port, so tests can
-# run side by side; four at a time keeps the number of live databases, broker
-# connections and NBD servers bounded on small CI machines.
+# run side by side; two at a time keeps the number of live databases, broker
+# connections and NBD servers bounded on 2-core machines. With four, the
+# nbd-server tests (a reload under a connected client, two daemons on one
+# server) were starved often enough to miss their deadlines.
 step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --all-targets "$@" -- --test-threads=4 2>&1 | tee "$log" || status=$?
+cargo test --all-targets "$@" -- --test-threads=2 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run: cargo prints a result line per test
 # binary, the last of which (doc tests) says "0 passed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
