@@ -445,30 +445,15 @@ struct PgRole(String);
 impl PgRole {
     fn create() -> PgRole {
         let name = format!("vt_dml_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        psql_admin(&format!("CREATE ROLE {name} LOGIN"));
+        common::psql(&format!("CREATE ROLE {name} LOGIN"));
         PgRole(name)
     }
 }
 
 impl Drop for PgRole {
     fn drop(&mut self) {
-        psql_admin(&format!("DROP ROLE IF EXISTS {}", self.0));
+        common::psql_best_effort(&format!("DROP ROLE IF EXISTS {}", self.0));
     }
-}
-
-fn psql_admin(sql: &str) {
-    let _ = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-qc",
-            sql,
-        ])
-        .output();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -959,14 +959,7 @@ impl Prober {
     /// anything else gets the full check.
     async fn check_listed(&self, name: &str, listed: &HashSet<String>) -> Result<(), String> {
         if listed.contains(name) {
-            let open = proto::open(
-                &self.cfg.listen,
-                self.cfg.port,
-                name,
-                self.cfg.check_timeout,
-            )
-            .await;
-            if let Ok(Open::Served { .. }) = open {
+            if let Ok(Open::Served { .. }) = self.open(name).await {
                 return Ok(());
             }
         }

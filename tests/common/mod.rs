@@ -42,8 +42,9 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn psql(sql: &str) {
-    let out = Command::new("psql")
+/// Runs `sql` as the PostgreSQL superuser on the `postgres` database.
+fn psql_run(sql: &str) -> std::io::Result<std::process::Output> {
+    Command::new("psql")
         .args([
             "-h",
             "127.0.0.1",
@@ -57,7 +58,16 @@ fn psql(sql: &str) {
             sql,
         ])
         .output()
-        .unwrap_or_else(|e| panic!("psql not runnable: {e}"));
+}
+
+/// Like [`psql`], for clean-up where a failure must not panic (in `Drop`).
+#[allow(dead_code)] // not every test binary cleans up roles
+pub fn psql_best_effort(sql: &str) {
+    let _ = psql_run(sql);
+}
+
+pub fn psql(sql: &str) {
+    let out = psql_run(sql).unwrap_or_else(|e| panic!("psql not runnable: {e}"));
     assert!(
         out.status.success(),
         "psql {sql:?} failed: {}\n(is PostgreSQL running? `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)",
