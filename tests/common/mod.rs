@@ -96,6 +96,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The NBD servers and client tools the end-to-end tests drive. A missing
+/// one would otherwise show up much later as an attach that times out.
+fn require_nbd_tools() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in ["nbdkit", "nbd-server", "nbdinfo"] {
+        let found = std::env::split_paths(&path).any(|d| d.join(tool).is_file());
+        assert!(
+            found,
+            "{tool} is not on PATH: run scripts/ensure-services.sh (it installs the NBD packages)"
+        );
+    }
+}
+
 impl Env {
     pub async fn new(test: &str) -> Env {
         Self::build(test, true).await
@@ -108,6 +121,7 @@ impl Env {
     }
 
     async fn build(test: &str, migrated: bool) -> Env {
+        require_nbd_tools();
         let name = format!("vt_{}_{}", test, &Uuid::new_v4().simple().to_string()[..8]);
         let vhost = name.clone();
         rabbitmqctl(&["add_vhost", &vhost]);
@@ -419,7 +433,14 @@ impl Drop for BrokerUser {
 /// A running `volumed` process with its log captured line by line.
 pub struct Daemon {
     pub child: Child,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    lines: Arc<(Mutex<Log>, Condvar)>,
+}
+
+/// What the daemon wrote to stderr so far, and whether the pipe closed.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    closed: bool,
 }
 
 impl Daemon {
@@ -434,42 +455,44 @@ impl Daemon {
             .spawn()
             .expect("volumed starts");
         let stderr = child.stderr.take().expect("piped stderr");
-        let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let lines: Arc<(Mutex<Log>, Condvar)> = Arc::default();
         let sink = Arc::clone(&lines);
         let echo = std::env::var("VOLUMED_TEST_ECHO").is_ok();
         std::thread::spawn(move || {
+            let (m, cv) = &*sink;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
                     eprintln!("[volumed] {line}");
                 }
-                let (m, cv) = &*sink;
-                m.lock().expect("log lock").push(line);
+                m.lock().expect("log lock").lines.push(line);
                 cv.notify_all();
             }
+            m.lock().expect("log lock").closed = true;
+            cv.notify_all();
         });
         Daemon { child, lines }
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.lines.0.lock().expect("log lock").clone()
+        self.lines.0.lock().expect("log lock").lines.clone()
     }
 
     /// Waits for a log line containing `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
         let (m, cv) = &*self.lines;
         let deadline = Instant::now() + timeout;
-        let mut lines = m.lock().expect("log lock");
+        let mut log = m.lock().expect("log lock");
         loop {
-            if lines.iter().any(|l| l.contains(needle)) {
+            if log.lines.iter().any(|l| l.contains(needle)) {
                 return;
             }
             let now = Instant::now();
             assert!(
                 now < deadline,
                 "no log line with {needle:?} within {timeout:?}; log:\n{}",
-                lines.join("\n")
+                log.lines.join("\n")
             );
-            lines = cv.wait_timeout(lines, deadline - now).expect("log lock").0;
+            log = cv.wait_timeout(log, deadline - now).expect("log lock").0;
         }
     }
 
@@ -486,11 +509,14 @@ impl Daemon {
         nix::sys::signal::kill(pid, sig).expect("signal");
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for the reader to take in what
+    /// it wrote last: without that a test that reads the log right after
+    /// the exit can find it empty (seen in CI).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
+                self.wait_log_closed(deadline.max(Instant::now() + Duration::from_secs(5)));
                 return s;
             }
             assert!(
@@ -499,6 +525,21 @@ impl Daemon {
                 self.log().join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the stderr pipe has closed: every line is in. A child
+    /// the daemon left running could hold the pipe open, so the wait is
+    /// bounded; what was read by then is what the test sees.
+    fn wait_log_closed(&self, deadline: Instant) {
+        let (m, cv) = &*self.lines;
+        let mut log = m.lock().expect("log lock");
+        while !log.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            log = cv.wait_timeout(log, deadline - now).expect("log lock").0;
         }
     }
 
