@@ -239,9 +239,17 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     crate::db::migrate(&pool).await?;
     let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let host = format!("bench-{id}");
+    // What the daemon keeps itself (its export directory or nbd-server
+    // configuration, pidfile) goes to the temporary directory, on disk.
+    // What stands for the cloud (the local backend's volumes and state, the
+    // emulator's) and for the kernel's /dev/disk/by-id (a devtmpfs on a
+    // real appliance) goes to memory when /dev/shm exists, so the figures
+    // are the daemon's and not those of the stand-ins' file churn.
     let dir = std::env::temp_dir().join(format!("volumed-bench-{id}"));
-    let (data, devices) = (dir.join("data"), dir.join("by-id"));
+    let emulated = emulated_root().join(format!("volumed-bench-{id}"));
+    let (data, devices) = (emulated.join("data"), emulated.join("by-id"));
     std::fs::create_dir_all(&devices)?;
+    std::fs::create_dir_all(&dir)?;
     let appliance = Uuid::new_v4();
     let vms: Vec<Uuid> = std::iter::once(appliance)
         .chain((1..plan.vms).map(|_| Uuid::new_v4()))
@@ -260,6 +268,19 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         ("VOLUMED_WORKERS".into(), plan.workers.to_string()),
         ("VOLUMED_NBD_ENGINE".into(), plan.engine.clone()),
         ("VOLUMED_NBD_PORT".into(), free_port()?.to_string()),
+        (
+            "VOLUMED_NBD_CONFIG".into(),
+            dir.join(match plan.engine.as_str() {
+                "nbd-server" => "nbd-server/config",
+                _ => "exports",
+            })
+            .display()
+            .to_string(),
+        ),
+        (
+            "VOLUMED_NBD_PIDFILE".into(),
+            dir.join("nbd.pid").display().to_string(),
+        ),
         (
             "VOLUMED_HTTP_LISTEN".into(),
             format!("127.0.0.1:{}", free_port()?),
@@ -296,7 +317,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
                 secret_key: secret.clone(),
                 appliance_vm: appliance,
                 device_dir: devices.clone(),
-                data_dir: dir.join("cloud"),
+                data_dir: emulated.join("cloud"),
                 job_latency: plan.latency,
             };
             std::fs::create_dir_all(&cfg.data_dir)?;
@@ -365,10 +386,13 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let t0 = Instant::now();
     let (seen, mut events) = arrivals(t0, sub);
     let mut published: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
-    for r in &requests {
-        published.insert(r.request_id, t0.elapsed());
-        client.publish(r).await?;
-    }
+    // All of the burst is in flight at once: confirmations are awaited
+    // after the last request is sent, as for the floor.
+    client
+        .publish_many(&requests, |r| {
+            published.insert(r.request_id, t0.elapsed());
+        })
+        .await?;
     let mut done: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
     let mut failed = 0;
     let deadline = Duration::from_secs(600);
@@ -426,6 +450,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     client.close().await;
     cleanup(config, &pool, &host).await;
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&emulated);
 
     let floor = if plan.floor {
         Some(floor(config, &pool, plan).await?)
@@ -457,6 +482,17 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         step_means_ms,
         samples,
     })
+}
+
+/// Where the stand-ins for the cloud and the device directory live:
+/// /dev/shm (memory) when it is there, else the temporary directory.
+fn emulated_root() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// Receives events in a task of its own and stamps each with its arrival
@@ -625,24 +661,31 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
         }
     });
     let published: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
+    // The whole burst in flight, confirmations awaited at the end, as for
+    // the daemon.
+    let mut confirms = Vec::with_capacity(plan.requests);
     for _ in 0..plan.requests {
         let mid = Uuid::new_v4().to_string();
         published
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(mid.clone(), t0.elapsed());
-        pub_ch
-            .basic_publish(
-                "",
-                &inq,
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_message_id(mid.into())
-                    .with_delivery_mode(2),
-            )
-            .await?
-            .await?;
+        confirms.push(
+            pub_ch
+                .basic_publish(
+                    "",
+                    &inq,
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_message_id(mid.into())
+                        .with_delivery_mode(2),
+                )
+                .await?,
+        );
+    }
+    for c in confirms {
+        c.await?;
     }
     let mut lat = Vec::with_capacity(plan.requests);
     let mut last = Duration::ZERO;

@@ -53,6 +53,10 @@ pub async fn run(
 
     // Workers, the relay and its listener each hold a connection at times.
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
+    // Journal starts, steps and the relay's marks: short statements that
+    // need not wait for the disk (see `db::connect_relaxed`), on a few
+    // connections of their own.
+    let relaxed = db::connect_relaxed(&config.database_url, 3).await?;
     if config.database_migrate {
         db::migrate(&pool).await?;
     } else {
@@ -116,7 +120,8 @@ pub async fn run(
         exports,
         gate: Arc::clone(&gate),
         vm_locks: VmLocks::default(),
-        steps: Steps::start(pool.clone()),
+        steps: Steps::start(relaxed.clone()),
+        journal: relaxed.clone(),
         retry: RetryPolicy {
             attempts: config.retry_attempts,
             delays: config.retry_delays.clone(),
@@ -131,6 +136,7 @@ pub async fn run(
     let relay = Arc::new(Relay {
         config: Arc::clone(&config),
         pool: pool.clone(),
+        relaxed: relaxed.clone(),
     });
 
     let stop_consuming = CancellationToken::new();
@@ -311,6 +317,7 @@ pub async fn run(
         Err(_) => warn!("health endpoint did not stop in time"),
     }
     pool.close().await;
+    relaxed.close().await;
     match failure {
         Some(e) => Err(e),
         None => {

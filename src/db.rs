@@ -16,6 +16,12 @@ use crate::contract::{ErrorCode, Event, Op, Request};
 /// The channel the outbox relay listens on; the payload is the host id.
 pub const OUTBOX_CHANNEL: &str = "volumed_outbox";
 
+/// Rung after every commit of this process that finishes an operation
+/// (with its event in the outbox): the relay of this process wakes on it.
+/// Commits of other processes (another daemon of the host, the CLI's
+/// repairs) reach it by the `volumed_outbox` notification or its poll.
+pub static OUTBOX_BELL: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool. `max` should cover the workers plus the relay and its
@@ -25,6 +31,26 @@ pub async fn connect(url: &SecretUrl, max: u32) -> Result<PgPool> {
         .expose()
         .parse()
         .with_context(|| format!("invalid database URL {url}"))?;
+    pool_with(url, opts, max).await
+}
+
+/// A pool whose commits do not wait for the write-ahead log to reach the
+/// disk (`synchronous_commit = off`), for records whose loss in a crash of
+/// PostgreSQL itself costs nothing: the journal's start of an operation
+/// (its message is not acknowledged yet and comes back), the steps it
+/// reached, the relay's "sent" marks (the event is published again, with
+/// the same `event_id`). PostgreSQL writes its log in order, so any later
+/// ordinary commit (the one that finishes an operation, say) makes these
+/// durable too. Outcomes never go through this pool.
+pub async fn connect_relaxed(url: &SecretUrl, max: u32) -> Result<PgPool> {
+    let opts: PgConnectOptions = url
+        .expose()
+        .parse()
+        .with_context(|| format!("invalid database URL {url}"))?;
+    pool_with(url, opts.options([("synchronous_commit", "off")]), max).await
+}
+
+async fn pool_with(url: &SecretUrl, opts: PgConnectOptions, max: u32) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max)
         // A statement waits at most this long for a connection; past it the
@@ -344,8 +370,12 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
         .await?;
     }
     apply_change(&mut tx, f.host, f.request_id, &f.change).await?;
+    // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
+    // until its log record is on disk, which would make concurrent
+    // finishes wait for each other's flushes rather than share one.
     insert_outbox(&mut tx, &f.outgoing).await?;
     tx.commit().await?;
+    OUTBOX_BELL.notify_one();
     Ok(true)
 }
 
@@ -463,7 +493,15 @@ pub async fn insert_event(
             traceparent: None,
         },
     )
-    .await
+    .await?;
+    // Repairs are rare and may come from the CLI: tell every relay.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(OUTBOX_CHANNEL)
+        .bind(&event.host)
+        .execute(&mut **tx)
+        .await?;
+    OUTBOX_BELL.notify_one();
+    Ok(())
 }
 
 async fn insert_outbox(
@@ -487,11 +525,6 @@ async fn insert_outbox(
     .bind(&out.traceparent)
     .execute(&mut **tx)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(OUTBOX_CHANNEL)
-        .bind(&out.event.host)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 

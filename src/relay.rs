@@ -2,8 +2,10 @@
 //! a request's `reply_to`) with publisher confirms, and marks a row sent only
 //! after the broker confirmed it.
 //!
-//! It wakes on the `volumed_outbox` notification and also polls, so an event
-//! is never stuck behind a missed notification or a broker outage. Delivery
+//! It wakes when a worker of its process commits an event
+//! ([`db::OUTBOX_BELL`]), on the `volumed_outbox` notification (events
+//! written by other processes) and on a poll, so an event is never stuck
+//! behind a missed wake-up or a broker outage. Delivery
 //! is at-least-once: if the process dies between the confirm and the commit
 //! of `sent_at`, the event is published again with the same `event_id`, which
 //! is what subscribers deduplicate on.
@@ -32,6 +34,10 @@ const BATCH: i64 = 256;
 pub struct Relay {
     pub config: Arc<Config>,
     pub pool: PgPool,
+    /// For the batches' transactions: a "sent" mark lost in a crash of
+    /// PostgreSQL only means the event is published again (same
+    /// `event_id`), so it need not wait for the disk.
+    pub relaxed: PgPool,
 }
 
 impl Relay {
@@ -85,6 +91,7 @@ impl Relay {
                     let _ = conn.close(200, "volumed stopping").await;
                     return Ok(());
                 }
+                _ = db::OUTBOX_BELL.notified() => {}
                 n = listener.recv() => {
                     if let Err(e) = n {
                         // The listener reconnects on its next call; the
@@ -102,7 +109,7 @@ impl Relay {
     pub async fn publish_pending(&self, ch: &Channel) -> Result<usize> {
         let mut total = 0;
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.relaxed.begin().await?;
             // The rows stay locked while their confirms are awaited, so a
             // second relay of the same host cannot publish them meanwhile.
             let rows = db::lock_pending(&mut tx, &self.config.host_id, BATCH).await?;
@@ -152,6 +159,11 @@ impl Relay {
             debug!(count = sent.len(), "events published");
             if !refused.is_empty() {
                 // Try the refused ones at the next poll rather than spin.
+                return Ok(total);
+            }
+            if (rows.len() as i64) < BATCH {
+                // That was all there was; what was committed since rang
+                // the bell and is taken at the next turn.
                 return Ok(total);
             }
         }

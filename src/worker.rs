@@ -127,6 +127,10 @@ pub struct Worker {
     pub appliance_vm: Uuid,
     pub backend: Arc<dyn Backend>,
     pub pool: PgPool,
+    /// Where an operation's start is journaled: a start lost in a crash
+    /// of PostgreSQL costs nothing, since its message is not acknowledged
+    /// and comes back (see `db::connect_relaxed`).
+    pub journal: PgPool,
     pub device_dir: PathBuf,
     pub device_timeout: Duration,
     pub exports: Arc<Exports>,
@@ -221,7 +225,7 @@ impl Worker {
     /// label it counts under.
     async fn run(&self, req: &Request) -> (Settle, &'static str) {
         let start = db_retry("journal start", || {
-            db::start_operation(&self.pool, &self.host, req)
+            db::start_operation(&self.journal, &self.host, req)
         })
         .await;
         let (attempts, resumed) = match start {

@@ -143,16 +143,21 @@ async fn fifty_requests_over_ten_volumes_keep_order_and_get_one_event_each() {
             let c = volumed::client::Client::connect(&url)
                 .await
                 .expect("connect");
+            let reqs: Vec<Outgoing> = (0..5)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        Outgoing::attach(HOST, vol, vm, true)
+                    } else {
+                        Outgoing::detach(HOST, vol, None)
+                    }
+                })
+                .collect();
+            // All five in flight at once: confirmations awaited together
+            // must keep the order of the sends.
             let mut ids = Vec::new();
-            for i in 0..5 {
-                let req = if i % 2 == 0 {
-                    Outgoing::attach(HOST, vol, vm, true)
-                } else {
-                    Outgoing::detach(HOST, vol, None)
-                };
-                c.publish(&req).await.expect("publish");
-                ids.push(req.request_id);
-            }
+            c.publish_many(&reqs, |r| ids.push(r.request_id))
+                .await
+                .expect("publish");
             c.close().await;
             (vol, ids)
         }));
@@ -1191,4 +1196,27 @@ async fn broker_connections_ask_for_small_frames_unless_the_url_names_a_size() {
     let ev = client.request_and_wait(attach, WAIT).await.expect("event");
     assert!(ev.event_type.succeeded(), "{ev:?}");
     client.close().await;
+}
+
+/// Only the records whose loss costs nothing skip the wait for the disk:
+/// the relaxed pool's sessions, and no other, run with
+/// `synchronous_commit = off`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_relaxed_pool_commits_without_waiting_for_the_disk() {
+    let env = Env::new("relaxed").await;
+    let relaxed = volumed::db::connect_relaxed(&env.db_url, 1)
+        .await
+        .expect("relaxed pool");
+    let show = "SELECT current_setting('synchronous_commit')";
+    let setting: String = sqlx::query_scalar(show)
+        .fetch_one(&relaxed)
+        .await
+        .expect("setting");
+    assert_eq!(setting, "off");
+    let setting: String = sqlx::query_scalar(show)
+        .fetch_one(&env.pool)
+        .await
+        .expect("setting");
+    assert_eq!(setting, "on", "outcomes are committed with the default");
+    relaxed.close().await;
 }

@@ -282,6 +282,12 @@ async fn the_client_times_out_cleanly_when_no_daemon_runs() {
         Err(ClientError::NoQueue { host }) => assert_eq!(host, "nobody"),
         other => panic!("expected NoQueue, got {other:?}"),
     }
+    // The same when the request goes out in a batch.
+    let batch = [Outgoing::attach("nobody", vol, env.appliance, false)];
+    match client.publish_many(&batch, |_| {}).await {
+        Err(ClientError::NoQueue { host }) => assert_eq!(host, "nobody"),
+        other => panic!("expected NoQueue from a batch, got {other:?}"),
+    }
     // The client still works after both.
     client
         .subscribe("#")

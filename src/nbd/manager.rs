@@ -194,10 +194,14 @@ impl Exports {
     pub async fn wait_released(&self, device: &Path) -> Result<(), ExportError> {
         let deadline = Instant::now() + self.drain_timeout;
         loop {
+            // nbd-server forks a process per client; nbdkit serves its
+            // clients on threads, which share the server's descriptors, so
+            // its children need no search (a walk over every process).
+            let forks = self.kind == NbdEngineKind::NbdServer;
             let held = self
                 .server
                 .pid()
-                .map(|pid| process::holds_open(pid, device))
+                .map(|pid| process::holds_open(pid, device, forks))
                 .unwrap_or(false);
             if !held {
                 return Ok(());
@@ -873,24 +877,30 @@ impl Prober {
         batch: &[Request],
         outcomes: &[Option<Result<(), ExportError>>],
     ) -> Vec<Option<Result<(), ExportError>>> {
-        // One listing for the whole batch, then each change opened on its
-        // own: a listing costs the server a walk over every export (nbdkit
-        // reads its whole directory), so one per export would make a wave's
-        // checks grow with the square of its size. An add missing from
-        // that listing (a reload not taken yet) gets the full check, with
-        // its retries.
+        // nbd-server: one listing for the whole batch (it shows which
+        // reloads were taken), then each change opened on its own. A
+        // listing costs the server a walk over every export, so one per
+        // export would make a wave's checks grow with the square of its
+        // size. An add missing from that listing (a reload not taken yet)
+        // gets the full check, with its retries.
+        // nbdkit resolves an export when a client opens it, so a
+        // successful open is the whole proof and no listing is needed (a
+        // listing reads its whole export directory).
         let adds = batch
             .iter()
             .zip(outcomes)
             .any(|(r, o)| o.is_none() && matches!(r.change, Change::Add(_)));
-        let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
-            (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
-                .await
-                .map(|names| names.into_iter().collect())
-                .unwrap_or_default(),
-            _ => HashSet::new(),
+        let listed: Option<HashSet<String>> = match (self.cfg.engine, &self.cfg.tls_psk, adds) {
+            (NbdEngineKind::Nbdkit, None, _) => None,
+            (_, None, true) => Some(
+                proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
+                    .await
+                    .map(|names| names.into_iter().collect())
+                    .unwrap_or_default(),
+            ),
+            _ => Some(HashSet::new()),
         };
-        let listed = &listed;
+        let listed = listed.as_ref();
         let few = &self.few;
         let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
             if o.is_some() {
@@ -955,10 +965,15 @@ impl Prober {
         }
     }
 
-    /// An export the batch's listing showed is served once it opens;
-    /// anything else gets the full check.
-    async fn check_listed(&self, name: &str, listed: &HashSet<String>) -> Result<(), String> {
-        if listed.contains(name) {
+    /// An export the batch's listing showed (or any export, when the
+    /// engine needs no listing: `None`) is served once it opens; anything
+    /// else gets the full check.
+    async fn check_listed(
+        &self,
+        name: &str,
+        listed: Option<&HashSet<String>>,
+    ) -> Result<(), String> {
+        if listed.is_none_or(|l| l.contains(name)) {
             if let Ok(Open::Served { .. }) = self.open(name).await {
                 return Ok(());
             }
@@ -971,6 +986,17 @@ impl Prober {
     async fn open(&self, name: &str) -> Result<Open, NbdError> {
         if self.cfg.tls_psk.is_some() {
             return self.probe(name).await.map(|p| p.open);
+        }
+        // nbdkit opens the export's file to answer NBD_OPT_INFO, and a
+        // transmission would cost it a set of worker threads per check.
+        if self.cfg.engine == NbdEngineKind::Nbdkit {
+            return proto::info(
+                &self.cfg.listen,
+                self.cfg.port,
+                name,
+                self.cfg.check_timeout,
+            )
+            .await;
         }
         proto::open(
             &self.cfg.listen,

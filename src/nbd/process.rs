@@ -125,12 +125,11 @@ fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
-/// Whether `pid` or one of its children holds `target` open (a client is
-/// connected to an export of that device).
-pub fn holds_open(pid: Pid, target: &Path) -> bool {
-    std::iter::once(pid)
-        .chain(children(pid))
-        .any(|p| process_holds(p, target))
+/// Whether `pid`, or with `children` one of its child processes, holds
+/// `target` open (a client is connected to an export of that device).
+pub fn holds_open(pid: Pid, target: &Path, children_too: bool) -> bool {
+    process_holds(pid, target)
+        || (children_too && children(pid).into_iter().any(|p| process_holds(p, target)))
 }
 
 fn process_holds(pid: Pid, target: &Path) -> bool {

@@ -19,6 +19,7 @@ const FLAG_NO_ZEROES: u16 = 2;
 
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 
 const REP_ACK: u32 = 1;
@@ -157,27 +158,48 @@ impl Session {
     /// Asks to open `name` (`NBD_OPT_GO`). On success the session is in the
     /// transmission phase and can only do I/O or disconnect.
     pub async fn go(mut self, name: &str) -> Result<(Open, Option<Transmission>), NbdError> {
+        let open = self.ask_export(OPT_GO, name).await?;
+        let t = matches!(open, Open::Served { .. }).then_some(Transmission {
+            stream: self.stream,
+            handle: 0,
+        });
+        Ok((open, t))
+    }
+
+    /// Asks what `name` is (`NBD_OPT_INFO`) and leaves. The server opens
+    /// the export to answer, so this proves as much as `go` for a server
+    /// that resolves exports per connection (nbdkit), without starting
+    /// the threads a transmission would get.
+    pub async fn info(mut self, name: &str) -> Result<Open, NbdError> {
+        let open = self.ask_export(OPT_INFO, name).await?;
+        if matches!(open, Open::Served { .. }) {
+            self.abort().await;
+        }
+        Ok(open)
+    }
+
+    /// `NBD_OPT_GO` or `NBD_OPT_INFO` for `name`, asking for its size.
+    async fn ask_export(&mut self, opt: u32, name: &str) -> Result<Open, NbdError> {
+        let what = if opt == OPT_GO {
+            "NBD_OPT_GO"
+        } else {
+            "NBD_OPT_INFO"
+        };
         let mut data = Vec::with_capacity(8 + name.len());
         data.extend_from_slice(&(name.len() as u32).to_be_bytes());
         data.extend_from_slice(name.as_bytes());
         data.extend_from_slice(&1u16.to_be_bytes());
         data.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-        self.send_option(OPT_GO, &data).await?;
+        self.send_option(opt, &data).await?;
         let mut size = None;
         loop {
-            let (kind, data) = self.read_reply(OPT_GO).await?;
+            let (kind, data) = self.read_reply(opt).await?;
             match kind {
                 REP_ACK => {
                     let size = size.ok_or_else(|| {
-                        NbdError::Protocol("NBD_OPT_GO acknowledged without a size".into())
+                        NbdError::Protocol(format!("{what} acknowledged without a size"))
                     })?;
-                    return Ok((
-                        Open::Served { size },
-                        Some(Transmission {
-                            stream: self.stream,
-                            handle: 0,
-                        }),
-                    ));
+                    return Ok(Open::Served { size });
                 }
                 REP_INFO
                     if data.len() >= 12
@@ -191,17 +213,10 @@ impl Session {
                 k if k & REP_ERR_BIT != 0 => {
                     // Leave politely so the server logs no protocol error.
                     let _ = self.send_option(OPT_ABORT, &[]).await;
-                    return Ok((
-                        Open::Refused {
-                            code: k,
-                            message: format!(
-                                "{}: {}",
-                                error_name(k),
-                                String::from_utf8_lossy(&data)
-                            ),
-                        },
-                        None,
-                    ));
+                    return Ok(Open::Refused {
+                        code: k,
+                        message: format!("{}: {}", error_name(k), String::from_utf8_lossy(&data)),
+                    });
                 }
                 _ => {}
             }
@@ -333,6 +348,15 @@ pub async fn open(addr: &str, port: u16, name: &str, timeout: Duration) -> Resul
         }
         Ok(open)
     };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| NbdError::Timeout(timeout))?
+}
+
+/// Asks the server about `name` (`NBD_OPT_INFO`) and disconnects: served
+/// or refused, as [`open`] tells, without entering transmission.
+pub async fn info(addr: &str, port: u16, name: &str, timeout: Duration) -> Result<Open, NbdError> {
+    let work = async { Session::connect(addr, port).await?.info(name).await };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| NbdError::Timeout(timeout))?
