@@ -310,8 +310,11 @@ pub struct Finish<'a> {
 /// attachment change and the outbox event in one transaction, and wakes the
 /// relay. Returns false (and writes nothing) when the request was already
 /// terminal: its event already exists.
+///
+/// It is one call of the database function `volumed_finish` (migration
+/// `finish_in_one_call`): one statement, so one transaction and one round
+/// trip, where the same statements sent one by one cost eight.
 pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let state = if f.error.is_none() {
         "succeeded"
     } else {
@@ -321,16 +324,24 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
         Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
         None => (None, None),
     };
-    // Upsert, because a request refused by the decoder never had a running
-    // row; a terminal row stays as it is.
-    let updated = sqlx::query(
-        "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, step, attempts,
-                                 error_code, error_message, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'committed', 1, $7, $8, now())
-         ON CONFLICT (request_id) DO UPDATE
-            SET state = EXCLUDED.state, step = 'committed', error_code = EXCLUDED.error_code,
-                error_message = EXCLUDED.error_message, updated_at = now(), finished_at = now()
-            WHERE operations.state = 'running'",
+    // The event's error says whether it may pass; an error without one
+    // falls back to its code's class.
+    let retryable = f.error.as_ref().map(|(code, _)| {
+        f.outgoing
+            .event
+            .error
+            .as_ref()
+            .map_or(code.retryable(), |e| e.retryable)
+    });
+    let c = ChangeArgs::of(&f.change);
+    let out = &f.outgoing;
+    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
+    // until its log record is on disk, which would make concurrent
+    // finishes wait for each other's flushes rather than share one.
+    let finished: bool = sqlx::query_scalar(
+        "SELECT volumed_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                               $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
     )
     .bind(f.request_id)
     .bind(f.host)
@@ -340,141 +351,125 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     .bind(state)
     .bind(code)
     .bind(message)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        tx.rollback().await?;
-        return Ok(false);
+    .bind(retryable)
+    .bind(c.kind)
+    .bind(c.volume_id)
+    .bind(c.vm_id)
+    .bind(c.device_path)
+    .bind(c.stable_path)
+    .bind(c.export)
+    .bind(c.export_name)
+    .bind(c.engine)
+    .bind(c.port)
+    .bind(c.metadata)
+    .bind(out.event.event_id)
+    .bind(out.event.request_id)
+    .bind(&out.event.host)
+    .bind(out.event.event_type.as_str())
+    .bind(body)
+    .bind(&out.correlation_id)
+    .bind(&out.reply_to)
+    .bind(&out.traceparent)
+    .fetch_one(pool)
+    .await?;
+    if finished {
+        OUTBOX_BELL.notify_one();
     }
-    if let Some((code, message)) = &f.error {
-        // The event's error says whether it may pass; an error without one
-        // falls back to its code's class.
-        let retryable = f
-            .outgoing
-            .event
-            .error
-            .as_ref()
-            .map_or(code.retryable(), |e| e.retryable);
-        sqlx::query(
-            "INSERT INTO operation_errors (request_id, generation, attempt, code, message,
-                                           retryable)
-             SELECT request_id, generation, attempts, $2, $3, $4 FROM operations
-              WHERE request_id = $1",
-        )
-        .bind(f.request_id)
-        .bind(code.as_str())
-        .bind(message)
-        .bind(retryable)
-        .execute(&mut *tx)
-        .await?;
-    }
-    apply_change(&mut tx, f.host, f.request_id, &f.change).await?;
-    // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
-    // until its log record is on disk, which would make concurrent
-    // finishes wait for each other's flushes rather than share one.
-    insert_outbox(&mut tx, &f.outgoing).await?;
-    tx.commit().await?;
-    OUTBOX_BELL.notify_one();
-    Ok(true)
+    Ok(finished)
 }
 
-/// Applies an attachment change (also used by the reconciler's repairs).
+/// An [`AttachmentChange`] as the arguments of the database function
+/// `volumed_apply_change`.
+struct ChangeArgs<'a> {
+    kind: &'static str,
+    volume_id: Option<Uuid>,
+    vm_id: Option<Uuid>,
+    device_path: Option<&'a str>,
+    stable_path: Option<&'a str>,
+    export: Option<&'static str>,
+    export_name: Option<&'a str>,
+    engine: Option<&'static str>,
+    port: Option<i32>,
+    metadata: Option<&'a serde_json::Value>,
+}
+
+impl<'a> ChangeArgs<'a> {
+    fn of(change: &'a AttachmentChange) -> ChangeArgs<'a> {
+        let mut a = ChangeArgs {
+            kind: "none",
+            volume_id: None,
+            vm_id: None,
+            device_path: None,
+            stable_path: None,
+            export: None,
+            export_name: None,
+            engine: None,
+            port: None,
+            metadata: None,
+        };
+        match change {
+            AttachmentChange::None => {}
+            AttachmentChange::Upsert {
+                volume_id,
+                vm_id,
+                device_path,
+                stable_path,
+                export,
+            } => {
+                a.kind = "upsert";
+                a.volume_id = Some(*volume_id);
+                a.vm_id = Some(*vm_id);
+                a.device_path = device_path.as_deref();
+                a.stable_path = stable_path.as_deref();
+                a.export = Some(match export {
+                    ExportChange::Keep => "keep",
+                    ExportChange::Set(_) => "set",
+                    ExportChange::Remove => "remove",
+                });
+                if let ExportChange::Set(e) = export {
+                    a.export_name = Some(&e.name);
+                    a.engine = Some(e.engine);
+                    a.port = Some(i32::from(e.port));
+                    a.metadata = Some(&e.metadata);
+                }
+            }
+            AttachmentChange::Remove { volume_id } => {
+                a.kind = "remove";
+                a.volume_id = Some(*volume_id);
+            }
+            AttachmentChange::RemoveExport { volume_id } => {
+                a.kind = "remove_export";
+                a.volume_id = Some(*volume_id);
+            }
+        }
+        a
+    }
+}
+
+/// Applies an attachment change in the caller's transaction (the
+/// reconciler's repairs; operations go through [`finish_operation`]).
 pub async fn apply_change(
     tx: &mut Transaction<'_, Postgres>,
     host: &str,
     request_id: Uuid,
     change: &AttachmentChange,
 ) -> Result<(), sqlx::Error> {
-    match change {
-        AttachmentChange::None => {}
-        AttachmentChange::Upsert {
-            volume_id,
-            vm_id,
-            device_path,
-            stable_path,
-            export,
-        } => {
-            // A device path recorded for another volume is stale by
-            // definition (the kernel recycled the name): the backend has
-            // just told us this volume owns it now.
-            if let Some(dev) = device_path {
-                sqlx::query(
-                    "UPDATE volume_attachments SET device_path = NULL, stable_path = NULL
-                     WHERE host = $1 AND device_path = $2 AND volume_id <> $3",
-                )
-                .bind(host)
-                .bind(dev)
-                .bind(volume_id)
-                .execute(&mut **tx)
-                .await?;
-            }
-            sqlx::query(
-                "INSERT INTO volume_attachments
-                    (volume_id, vm_id, host, device_path, stable_path, request_id)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (volume_id) DO UPDATE
-                    SET vm_id = EXCLUDED.vm_id, host = EXCLUDED.host,
-                        device_path = EXCLUDED.device_path, stable_path = EXCLUDED.stable_path,
-                        request_id = EXCLUDED.request_id, attached_at = now()",
-            )
-            .bind(volume_id)
-            .bind(vm_id)
-            .bind(host)
-            .bind(device_path)
-            .bind(stable_path)
-            .bind(request_id)
-            .execute(&mut **tx)
-            .await?;
-            if matches!(export, ExportChange::Remove) {
-                sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
-                    .bind(volume_id)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            if let (ExportChange::Set(e), Some(dev), Some(stable)) =
-                (export, device_path, stable_path)
-            {
-                sqlx::query(
-                    "INSERT INTO nbd_exports (export_name, volume_id, host, engine, device_path,
-                                              stable_path, port, request_id, metadata)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (export_name) DO UPDATE
-                        SET host = EXCLUDED.host, engine = EXCLUDED.engine,
-                            device_path = EXCLUDED.device_path,
-                            stable_path = EXCLUDED.stable_path, port = EXCLUDED.port,
-                            request_id = EXCLUDED.request_id, metadata = EXCLUDED.metadata",
-                )
-                .bind(&e.name)
-                .bind(volume_id)
-                .bind(host)
-                .bind(e.engine)
-                .bind(dev)
-                .bind(stable)
-                .bind(i32::from(e.port))
-                .bind(request_id)
-                .bind(&e.metadata)
-                .execute(&mut **tx)
-                .await?;
-            }
-        }
-        AttachmentChange::RemoveExport { volume_id } => {
-            sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
-                .bind(volume_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        AttachmentChange::Remove { volume_id } => {
-            sqlx::query("DELETE FROM nbd_exports WHERE volume_id = $1")
-                .bind(volume_id)
-                .execute(&mut **tx)
-                .await?;
-            sqlx::query("DELETE FROM volume_attachments WHERE volume_id = $1")
-                .bind(volume_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
+    let c = ChangeArgs::of(change);
+    sqlx::query("SELECT volumed_apply_change($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .bind(host)
+        .bind(request_id)
+        .bind(c.kind)
+        .bind(c.volume_id)
+        .bind(c.vm_id)
+        .bind(c.device_path)
+        .bind(c.stable_path)
+        .bind(c.export)
+        .bind(c.export_name)
+        .bind(c.engine)
+        .bind(c.port)
+        .bind(c.metadata)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
