@@ -339,7 +339,7 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
     // until its log record is on disk, which would make concurrent
     // finishes wait for each other's flushes rather than share one.
-    let finished: bool = sqlx::query_scalar(
+    let query = sqlx::query(
         "SELECT volumed_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
                                $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
     )
@@ -351,27 +351,11 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     .bind(state)
     .bind(code)
     .bind(message)
-    .bind(retryable)
-    .bind(c.kind)
-    .bind(c.volume_id)
-    .bind(c.vm_id)
-    .bind(c.device_path)
-    .bind(c.stable_path)
-    .bind(c.export)
-    .bind(c.export_name)
-    .bind(c.engine)
-    .bind(c.port)
-    .bind(c.metadata)
-    .bind(out.event.event_id)
-    .bind(out.event.request_id)
-    .bind(&out.event.host)
-    .bind(out.event.event_type.as_str())
-    .bind(body)
-    .bind(&out.correlation_id)
-    .bind(&out.reply_to)
-    .bind(&out.traceparent)
-    .fetch_one(pool)
-    .await?;
+    .bind(retryable);
+    let finished: bool = bind_outgoing(c.bind_to(query), out, body)
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?;
     if finished {
         OUTBOX_BELL.notify_one();
     }
@@ -444,6 +428,23 @@ impl<'a> ChangeArgs<'a> {
         }
         a
     }
+
+    /// Binds the change, in the order both database functions take it.
+    fn bind_to<'q>(self, q: PgQuery<'q>) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        q.bind(self.kind)
+            .bind(self.volume_id)
+            .bind(self.vm_id)
+            .bind(self.device_path)
+            .bind(self.stable_path)
+            .bind(self.export)
+            .bind(self.export_name)
+            .bind(self.engine)
+            .bind(self.port)
+            .bind(self.metadata)
+    }
 }
 
 /// Applies an attachment change in the caller's transaction (the
@@ -454,20 +455,13 @@ pub async fn apply_change(
     request_id: Uuid,
     change: &AttachmentChange,
 ) -> Result<(), sqlx::Error> {
-    let c = ChangeArgs::of(change);
-    sqlx::query("SELECT volumed_apply_change($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-        .bind(host)
-        .bind(request_id)
-        .bind(c.kind)
-        .bind(c.volume_id)
-        .bind(c.vm_id)
-        .bind(c.device_path)
-        .bind(c.stable_path)
-        .bind(c.export)
-        .bind(c.export_name)
-        .bind(c.engine)
-        .bind(c.port)
-        .bind(c.metadata)
+    let query = sqlx::query(
+        "SELECT volumed_apply_change($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(host)
+    .bind(request_id);
+    ChangeArgs::of(change)
+        .bind_to(query)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -504,23 +498,29 @@ async fn insert_outbox(
     out: &Outgoing,
 ) -> Result<(), sqlx::Error> {
     let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to,
                              traceparent, generation)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
                  COALESCE((SELECT generation FROM operations WHERE request_id = $2), 0))",
-    )
-    .bind(out.event.event_id)
-    .bind(out.event.request_id)
-    .bind(&out.event.host)
-    .bind(out.event.event_type.as_str())
-    .bind(body)
-    .bind(&out.correlation_id)
-    .bind(&out.reply_to)
-    .bind(&out.traceparent)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_outgoing(query, out, body).execute(&mut **tx).await?;
     Ok(())
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds an outbox row's fields, in the order the outbox insert and
+/// `volumed_finish` take them.
+fn bind_outgoing<'q>(q: PgQuery<'q>, out: &'q Outgoing, body: serde_json::Value) -> PgQuery<'q> {
+    q.bind(out.event.event_id)
+        .bind(out.event.request_id)
+        .bind(&out.event.host)
+        .bind(out.event.event_type.as_str())
+        .bind(body)
+        .bind(&out.correlation_id)
+        .bind(&out.reply_to)
+        .bind(&out.traceparent)
 }
 
 /// One pending outbox row.

@@ -987,24 +987,13 @@ impl Prober {
         if self.cfg.tls_psk.is_some() {
             return self.probe(name).await.map(|p| p.open);
         }
-        // nbdkit opens the export's file to answer NBD_OPT_INFO, and a
-        // transmission would cost it a set of worker threads per check.
-        if self.cfg.engine == NbdEngineKind::Nbdkit {
-            return proto::info(
-                &self.cfg.listen,
-                self.cfg.port,
-                name,
-                self.cfg.check_timeout,
-            )
-            .await;
+        let (listen, port, timeout) = (&self.cfg.listen, self.cfg.port, self.cfg.check_timeout);
+        match self.cfg.engine {
+            // nbdkit opens the export's file to answer NBD_OPT_INFO, and a
+            // transmission would cost it a set of worker threads per check.
+            NbdEngineKind::Nbdkit => proto::info(listen, port, name, timeout).await,
+            NbdEngineKind::NbdServer => proto::open(listen, port, name, timeout).await,
         }
-        proto::open(
-            &self.cfg.listen,
-            self.cfg.port,
-            name,
-            self.cfg.check_timeout,
-        )
-        .await
     }
 
     /// A new connection to `name` is refused.
