@@ -877,30 +877,24 @@ impl Prober {
         batch: &[Request],
         outcomes: &[Option<Result<(), ExportError>>],
     ) -> Vec<Option<Result<(), ExportError>>> {
-        // nbd-server: one listing for the whole batch (it shows which
-        // reloads were taken), then each change opened on its own. A
-        // listing costs the server a walk over every export, so one per
-        // export would make a wave's checks grow with the square of its
-        // size. An add missing from that listing (a reload not taken yet)
-        // gets the full check, with its retries.
-        // nbdkit resolves an export when a client opens it, so a
-        // successful open is the whole proof and no listing is needed (a
-        // listing reads its whole export directory).
+        // One listing for the whole batch, then each change opened on its
+        // own: a listing costs the server a walk over every export (nbdkit
+        // reads its whole export directory), so one per export would make
+        // a wave's checks grow with the square of its size. An add missing
+        // from that listing (a reload not taken yet) gets the full check,
+        // with its retries.
         let adds = batch
             .iter()
             .zip(outcomes)
             .any(|(r, o)| o.is_none() && matches!(r.change, Change::Add(_)));
-        let listed: Option<HashSet<String>> = match (self.cfg.engine, &self.cfg.tls_psk, adds) {
-            (NbdEngineKind::Nbdkit, None, _) => None,
-            (_, None, true) => Some(
-                proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
-                    .await
-                    .map(|names| names.into_iter().collect())
-                    .unwrap_or_default(),
-            ),
-            _ => Some(HashSet::new()),
+        let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
+            (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
+                .await
+                .map(|names| names.into_iter().collect())
+                .unwrap_or_default(),
+            _ => HashSet::new(),
         };
-        let listed = listed.as_ref();
+        let listed = &listed;
         let few = &self.few;
         let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
             if o.is_some() {
@@ -965,15 +959,10 @@ impl Prober {
         }
     }
 
-    /// An export the batch's listing showed (or any export, when the
-    /// engine needs no listing: `None`) is served once it opens; anything
-    /// else gets the full check.
-    async fn check_listed(
-        &self,
-        name: &str,
-        listed: Option<&HashSet<String>>,
-    ) -> Result<(), String> {
-        if listed.is_none_or(|l| l.contains(name)) {
+    /// An export the batch's listing showed is served once it opens;
+    /// anything else gets the full check.
+    async fn check_listed(&self, name: &str, listed: &HashSet<String>) -> Result<(), String> {
+        if listed.contains(name) {
             if let Ok(Open::Served { .. }) = self.open(name).await {
                 return Ok(());
             }
