@@ -295,7 +295,10 @@ impl Client {
     /// is called just before each request goes out (the benchmark stamps
     /// it). The
     /// first refusal is returned once every confirmation is in; the
-    /// others were accepted.
+    /// others were accepted. A channel that fails while sending ends the
+    /// call at once with that error: the requests sent before it may have
+    /// been taken, so publish them again (their request ids make a second
+    /// copy harmless).
     pub async fn publish_many(
         &self,
         reqs: &[Outgoing],
