@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{scrape, Env, WAIT};
 use uuid::Uuid;
 use volumed::client::{ClientError, EventFilter, Outgoing};
-use volumed::contract::EventType;
+use volumed::contract::{Event, EventType};
 use volumed::trace::TraceParent;
 
 const HOST: &str = "oma-o";
@@ -30,11 +30,7 @@ async fn metrics_parse_and_move_with_operations() {
 
     let client = env.client().await;
     let vol = env.create_volume(HOST);
-    let ev = client
-        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
-        .await
-        .expect("attach event");
-    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    attach_ok(&env, &client, vol, "attach event").await;
     // A request the decoder refuses: counted, and dead-lettered.
     let bad = Uuid::new_v4();
     let body = serde_json::json!({"op": "resize", "request_id": bad, "volume_id": vol});
@@ -308,28 +304,19 @@ async fn next_notification(sock: &tokio::net::UnixDatagram) -> String {
 
 /// How many consumers the broker has on the daemon's request queue.
 async fn request_consumers(env: &Env) -> u32 {
-    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+    env.queue(&volumed::topology::request_queue(HOST))
         .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            &volumed::topology::request_queue(HOST),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("request queue exists");
-    let _ = conn.close(200, "done").await;
-    q.consumer_count()
+        .consumer_count()
 }
 
-fn signal(d: &common::Daemon, sig: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
-    nix::sys::signal::kill(pid, sig).expect("signal");
+/// Attaches `vol` to the appliance, exported, and checks that it succeeded.
+async fn attach_ok(env: &Env, client: &volumed::client::Client, vol: Uuid, what: &str) -> Event {
+    let ev = client
+        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
+        .await
+        .expect(what);
+    assert_eq!(ev.event_type, EventType::AttachSucceeded, "{what}");
+    ev
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +332,7 @@ async fn systemd_hears_ready_when_consuming_reloading_and_stopping() {
         "READY=1 before the request consumer was registered"
     );
 
-    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     let reloading = next_notification(&sock).await;
     assert!(
         reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
@@ -355,11 +342,7 @@ async fn systemd_hears_ready_when_consuming_reloading_and_stopping() {
     // Still serving after the reload.
     let client = env.client().await;
     let vol = env.create_volume(HOST);
-    let ev = client
-        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
-        .await
-        .expect("attach event after a reload");
-    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    attach_ok(&env, &client, vol, "attach event after a reload").await;
     client.close().await;
 
     d.sigterm();
@@ -382,11 +365,7 @@ async fn sighup_applies_the_log_filter_and_survives_a_bad_configuration() {
         ],
     );
     let client = env.client().await;
-    let ev = client
-        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
-        .await
-        .expect("attach event");
-    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    attach_ok(&env, &client, env.create_volume(HOST), "attach event").await;
     assert!(
         !d.log().iter().any(|l| l.contains("DEBUG")),
         "debug lines with an info filter"
@@ -398,28 +377,27 @@ async fn sighup_applies_the_log_filter_and_survives_a_bad_configuration() {
         "log = \"info,volumed=debug\"\nprefetch_per_worker = 3\n",
     )
     .expect("write config");
-    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     d.wait_log("configuration reloaded", WAIT);
     let log = d.log().join("\n");
     assert!(
         log.contains("not applied") && log.contains("VOLUMED_PREFETCH_PER_WORKER"),
         "{log}"
     );
-    client
-        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
-        .await
-        .expect("attach event");
+    attach_ok(&env, &client, env.create_volume(HOST), "attach event").await;
     d.wait_log("DEBUG", WAIT);
 
     // An invalid filter: refused as a whole, the daemon keeps serving.
     std::fs::write(&file, "log = \"volumed=loud\"\n").expect("write config");
-    signal(&d, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     d.wait_log("configuration rejected", WAIT);
-    let ev = client
-        .attach_and_wait(HOST, env.create_volume(HOST), env.appliance, true, WAIT)
-        .await
-        .expect("attach event after a rejected reload");
-    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    attach_ok(
+        &env,
+        &client,
+        env.create_volume(HOST),
+        "attach event after a rejected reload",
+    )
+    .await;
     client.close().await;
 }
 
@@ -438,11 +416,7 @@ async fn json_logs_carry_the_operation_fields_and_text_is_the_default() {
     let d = env.start(HOST, &[("VOLUMED_LOG_FORMAT", "json")]);
     let client = env.client().await;
     let vol = env.create_volume(HOST);
-    let ev = client
-        .attach_and_wait(HOST, vol, env.appliance, true, WAIT)
-        .await
-        .expect("attach event");
-    assert_eq!(ev.event_type, EventType::AttachSucceeded);
+    let ev = attach_ok(&env, &client, vol, "attach event").await;
     let id = ev.request_id.to_string();
     let vol_id = vol.to_string();
 

@@ -334,6 +334,11 @@ impl Env {
     /// figures are periodic statistics and lag). Unacknowledged messages are
     /// not counted: stop the consumers first to count everything.
     pub async fn queue_depth(&self, name: &str) -> u32 {
+        self.queue(name).await.message_count()
+    }
+
+    /// A queue as the broker reports it now (a passive declare).
+    pub async fn queue(&self, name: &str) -> lapin::Queue {
         let conn = volumed::amqp::connect(&self.amqp_url, "test")
             .await
             .expect("connect");
@@ -350,7 +355,7 @@ impl Env {
             .await
             .expect("queue exists");
         let _ = conn.close(200, "done").await;
-        q.message_count()
+        q
     }
 
     /// Every attach and detach the local backend did, volume by volume.
@@ -504,7 +509,7 @@ impl Daemon {
         self.signal(nix::sys::signal::Signal::SIGINT);
     }
 
-    fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, sig).expect("signal");
     }
