@@ -334,14 +334,13 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
             .map_or(code.retryable(), |e| e.retryable)
     });
     let c = ChangeArgs::of(&f.change);
-    let out = &f.outgoing;
-    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
     // until its log record is on disk, which would make concurrent
     // finishes wait for each other's flushes rather than share one.
     let query = sqlx::query(
-        "SELECT volumed_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                               $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
+        "SELECT volumed_finish($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                ROW($10, $11, $12, $13, $14, $15, $16, $17, $18, $19)::volumed_change,
+                ROW($20, $21, $22, $23, $24, $25, $26, $27)::volumed_event)",
     )
     .bind(f.request_id)
     .bind(f.host)
@@ -352,7 +351,7 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     .bind(code)
     .bind(message)
     .bind(retryable);
-    let finished: bool = bind_outgoing(c.bind_to(query), out, body)
+    let finished: bool = bind_outgoing(c.bind_to(query), &f.outgoing)?
         .fetch_one(pool)
         .await?
         .try_get(0)?;
@@ -362,8 +361,8 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
     Ok(finished)
 }
 
-/// An [`AttachmentChange`] as the arguments of the database function
-/// `volumed_apply_change`.
+/// An [`AttachmentChange`] as the fields of the database type
+/// `volumed_change`.
 struct ChangeArgs<'a> {
     kind: &'static str,
     volume_id: Option<Uuid>,
@@ -429,7 +428,7 @@ impl<'a> ChangeArgs<'a> {
         a
     }
 
-    /// Binds the change, in the order both database functions take it.
+    /// Binds the change's fields, in the order of `volumed_change`.
     fn bind_to<'q>(self, q: PgQuery<'q>) -> PgQuery<'q>
     where
         'a: 'q,
@@ -456,7 +455,8 @@ pub async fn apply_change(
     change: &AttachmentChange,
 ) -> Result<(), sqlx::Error> {
     let query = sqlx::query(
-        "SELECT volumed_apply_change($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "SELECT volumed_apply_change($1, $2,
+                ROW($3, $4, $5, $6, $7, $8, $9, $10, $11, $12)::volumed_change)",
     )
     .bind(host)
     .bind(request_id);
@@ -468,59 +468,42 @@ pub async fn apply_change(
 }
 
 /// Writes an event that finishes no request (a reconciler repair) to the
-/// outbox, in the caller's transaction.
+/// outbox, in the caller's transaction, and notifies every relay once that
+/// commits: repairs are rare and may come from the CLI.
 pub async fn insert_event(
     tx: &mut Transaction<'_, Postgres>,
     event: &Event,
 ) -> Result<(), sqlx::Error> {
-    insert_outbox(
-        tx,
-        &Outgoing {
-            event: event.clone(),
-            correlation_id: None,
-            reply_to: None,
-            traceparent: None,
-        },
-    )
-    .await?;
-    // Repairs are rare and may come from the CLI: tell every relay.
-    sqlx::query("SELECT pg_notify($1, $2)")
+    let out = Outgoing {
+        event: event.clone(),
+        correlation_id: None,
+        reply_to: None,
+        traceparent: None,
+    };
+    let query = sqlx::query(
+        "SELECT volumed_insert_event(ROW($1, $2, $3, $4, $5, $6, $7, $8)::volumed_event),
+                pg_notify($9, $3)",
+    );
+    bind_outgoing(query, &out)?
         .bind(OUTBOX_CHANNEL)
-        .bind(&event.host)
         .execute(&mut **tx)
         .await?;
-    OUTBOX_BELL.notify_one();
-    Ok(())
-}
-
-async fn insert_outbox(
-    tx: &mut Transaction<'_, Postgres>,
-    out: &Outgoing,
-) -> Result<(), sqlx::Error> {
-    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let query = sqlx::query(
-        "INSERT INTO outbox (event_id, request_id, host, routing_key, body, correlation_id, reply_to,
-                             traceparent, generation)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                 COALESCE((SELECT generation FROM operations WHERE request_id = $2), 0))",
-    );
-    bind_outgoing(query, out, body).execute(&mut **tx).await?;
     Ok(())
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
-/// Binds an outbox row's fields, in the order the outbox insert and
-/// `volumed_finish` take them.
-fn bind_outgoing<'q>(q: PgQuery<'q>, out: &'q Outgoing, body: serde_json::Value) -> PgQuery<'q> {
-    q.bind(out.event.event_id)
+/// Binds an outbox row's fields, in the order of the type `volumed_event`.
+fn bind_outgoing<'q>(q: PgQuery<'q>, out: &'q Outgoing) -> Result<PgQuery<'q>, sqlx::Error> {
+    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    Ok(q.bind(out.event.event_id)
         .bind(out.event.request_id)
         .bind(&out.event.host)
         .bind(out.event.event_type.as_str())
         .bind(body)
         .bind(&out.correlation_id)
         .bind(&out.reply_to)
-        .bind(&out.traceparent)
+        .bind(&out.traceparent))
 }
 
 /// One pending outbox row.
