@@ -979,14 +979,9 @@ fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Recei
     rx
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
-    let env = Env::new("poll").await;
-    let _d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "300")]);
-    let client = env.client().await;
-    let mut sub = client.subscribe("#").await.expect("subscribe");
-    // A row committed without NOTIFY, as if the notification were lost.
-    let event = volumed::contract::Event {
+/// An event of this host that no worker of the daemon wrote.
+fn outside_event() -> volumed::contract::Event {
+    volumed::contract::Event {
         event_id: Uuid::new_v4(),
         event_type: EventType::DetachSucceeded,
         request_id: Uuid::new_v4(),
@@ -1000,7 +995,17 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
         attempts: 1,
         cloud_device_id: None,
         repair: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
+    let env = Env::new("poll").await;
+    let _d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "300")]);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    // A row committed without NOTIFY, as if the notification were lost.
+    let event = outside_event();
     sqlx::query(
         "INSERT INTO outbox (event_id, request_id, host, routing_key, body)
          VALUES ($1, $2, $3, $4, $5)",
@@ -1024,10 +1029,10 @@ async fn an_event_whose_notification_was_missed_is_published_by_the_poll() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_is_woken_by_the_outbox_notification() {
-    let env = Env::new("notify").await;
+async fn the_relay_is_woken_by_the_commits_of_its_own_workers() {
+    let env = Env::new("bell").await;
     // A poll once a day (the maximum): an event published within seconds
-    // can only have been woken by LISTEN/NOTIFY.
+    // can only have been woken by the commit that wrote it.
     let d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "86400000")]);
     // The relay's first look at the outbox happens when it connects; wait
     // for it so the events below are committed after it.
@@ -1047,6 +1052,30 @@ async fn the_relay_is_woken_by_the_outbox_notification() {
             .expect("event published on the notification");
         assert!(ev.event_type.succeeded(), "{ev:?}");
     }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_is_woken_by_the_outbox_notification() {
+    let env = Env::new("notify").await;
+    // A poll once a day, and an event written by another process (here the
+    // test, as the CLI's repairs would): only LISTEN/NOTIFY can wake the
+    // daemon's relay for it within seconds.
+    let d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "86400000")]);
+    d.wait_log("outbox relay connected", WAIT);
+    let client = env.client().await;
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let event = outside_event();
+    let mut tx = env.pool.begin().await.expect("begin");
+    volumed::db::insert_event(&mut tx, &event)
+        .await
+        .expect("insert the event");
+    tx.commit().await.expect("commit");
+    let got = sub
+        .wait_for(event.request_id, Duration::from_secs(5))
+        .await
+        .expect("event published on the notification");
+    assert_eq!(got, event);
     client.close().await;
 }
 
