@@ -301,7 +301,7 @@ impl Consumer {
                 repair: None,
             };
             let finish = Finish {
-                host: &self.config.host_id,
+                host: self.config.host_id.clone(),
                 request_id,
                 op: Some(op),
                 volume_id: r.volume_id,

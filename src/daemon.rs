@@ -22,7 +22,7 @@ use crate::health::Health;
 use crate::nbd::manager::Exports;
 use crate::reconcile::{Reconciler, Schedule};
 use crate::relay::Relay;
-use crate::worker::{RetryPolicy, Steps, VmLocks, Worker};
+use crate::worker::{Journal, RetryPolicy, Steps, VmLocks, Worker};
 
 /// The settings a reload applies to the running daemon. Every other
 /// setting takes effect at the next start; a reload that changes one says
@@ -42,6 +42,11 @@ pub struct Reloads {
 }
 
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
+/// How many grouped journal statements of each kind (starts, finishes) may
+/// run at once. Two: one is written while the next group forms, and more
+/// only split the groups (measured with `volumed bench`, docs/performance.md).
+const JOURNAL_LANES: usize = 2;
+
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
@@ -55,8 +60,9 @@ pub async fn run(
     let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
     // Journal starts, steps and the relay's marks: short statements that
     // need not wait for the disk (see `db::connect_relaxed`), on a few
-    // connections of their own.
-    let relaxed = db::connect_relaxed(&config.database_url, 3).await?;
+    // connections of their own: one per lane of grouped starts, one for the
+    // steps, one for the relay.
+    let relaxed = db::connect_relaxed(&config.database_url, JOURNAL_LANES as u32 + 2).await?;
     if config.database_migrate {
         db::migrate(&pool).await?;
     } else {
@@ -121,7 +127,12 @@ pub async fn run(
         gate: Arc::clone(&gate),
         vm_locks: VmLocks::default(),
         steps: Steps::start(relaxed.clone()),
-        journal: relaxed.clone(),
+        journal: Journal::start(
+            &config.host_id,
+            pool.clone(),
+            relaxed.clone(),
+            JOURNAL_LANES,
+        ),
         retry: RetryPolicy {
             attempts: config.retry_attempts,
             delays: config.retry_delays.clone(),

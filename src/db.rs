@@ -159,12 +159,82 @@ pub async fn start_operation(
     }
 }
 
+/// [`start_operation`] for several requests in one statement (on a pool
+/// whose commits need not wait for the disk, see [`connect_relaxed`]). The
+/// answers are in the order of `reqs`. A request the statement did not
+/// start (already terminal, or its id taken by another operation) is looked
+/// at on its own, which changes nothing more: the statement's update skips
+/// such rows, and so does the second look.
+///
+/// Two requests with the same id in one group make the statement fail
+/// (a row cannot be changed twice by it), as does any other error; it has
+/// then written nothing, and the caller starts the requests one by one.
+pub async fn start_operations(
+    pool: &PgPool,
+    host: &str,
+    reqs: &[Request],
+) -> Result<Vec<Start>, sqlx::Error> {
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.request_id).collect();
+    let ops: Vec<&str> = reqs.iter().map(|r| r.op.as_str()).collect();
+    let volumes: Vec<Uuid> = reqs.iter().map(|r| r.volume_id).collect();
+    let vms: Vec<Option<Uuid>> = reqs.iter().map(|r| r.vm_id).collect();
+    let jobs: Vec<Option<&str>> = reqs.iter().map(|r| r.job_id.as_deref()).collect();
+    let metadata: Vec<&serde_json::Value> = reqs.iter().map(|r| &r.metadata).collect();
+    let rows = sqlx::query(
+        "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, job_id, metadata)
+         SELECT t.request_id, $2, t.op, t.volume_id, t.vm_id, 'running', t.job_id, t.metadata
+           FROM unnest($1::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[], $7::jsonb[])
+                AS t(request_id, op, volume_id, vm_id, job_id, metadata)
+         ON CONFLICT (request_id) DO UPDATE
+            SET attempts = operations.attempts + 1, updated_at = now()
+            WHERE operations.state = 'running' AND operations.op = EXCLUDED.op
+              AND operations.volume_id IS NOT DISTINCT FROM EXCLUDED.volume_id
+         RETURNING request_id, attempts, cloud_job_id",
+    )
+    .bind(&ids)
+    .bind(host)
+    .bind(&ops)
+    .bind(&volumes)
+    .bind(&vms)
+    .bind(&jobs)
+    .bind(&metadata)
+    .fetch_all(pool)
+    .await?;
+    let mut started = std::collections::HashMap::with_capacity(rows.len());
+    for r in rows {
+        let id: Uuid = r.try_get("request_id")?;
+        started.insert(
+            id,
+            Start::Run {
+                attempts: r.try_get("attempts")?,
+                cloud_job: r.try_get("cloud_job_id")?,
+            },
+        );
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        match started.remove(&req.request_id) {
+            Some(s) => out.push(s),
+            None => out.push(start_operation(pool, host, req).await?),
+        }
+    }
+    Ok(out)
+}
+
 /// Records the steps several running operations reached, in one statement.
 pub async fn record_steps(pool: &PgPool, ids: &[Uuid], steps: &[&str]) -> Result<(), sqlx::Error> {
+    // Rows locked by a statement that is finishing (or starting) their
+    // operation are skipped: such a step is moot, and waiting for them
+    // could deadlock against a grouped finish that locks the same rows in
+    // another order.
     sqlx::query(
-        "UPDATE operations o SET step = v.step, updated_at = now()
-           FROM (SELECT unnest($1::uuid[]) AS id, unnest($2::text[]) AS step) v
-          WHERE o.request_id = v.id AND o.state = 'running'",
+        "WITH v AS (SELECT unnest($1::uuid[]) AS id, unnest($2::text[]) AS step),
+              free AS (SELECT request_id FROM operations
+                        WHERE request_id = ANY($1) AND state = 'running'
+                          FOR UPDATE SKIP LOCKED)
+         UPDATE operations o SET step = v.step, updated_at = now()
+           FROM v JOIN free ON free.request_id = v.id
+          WHERE o.request_id = v.id",
     )
     .bind(ids)
     .bind(steps)
@@ -295,8 +365,8 @@ pub struct Outgoing {
 
 /// How a request ended, as the journal records it.
 #[derive(Debug, Clone)]
-pub struct Finish<'a> {
-    pub host: &'a str,
+pub struct Finish {
+    pub host: String,
     pub request_id: Uuid,
     pub op: Option<Op>,
     pub volume_id: Option<Uuid>,
@@ -314,26 +384,8 @@ pub struct Finish<'a> {
 /// It is one call of the database function `volumed_finish` (migration
 /// `finish_in_one_call`): one statement, so one transaction and one round
 /// trip, where the same statements sent one by one cost eight.
-pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sqlx::Error> {
-    let state = if f.error.is_none() {
-        "succeeded"
-    } else {
-        "failed"
-    };
-    let (code, message) = match &f.error {
-        Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
-        None => (None, None),
-    };
-    // The event's error says whether it may pass; an error without one
-    // falls back to its code's class.
-    let retryable = f.error.as_ref().map(|(code, _)| {
-        f.outgoing
-            .event
-            .error
-            .as_ref()
-            .map_or(code.retryable(), |e| e.retryable)
-    });
-    let c = ChangeArgs::of(&f.change);
+pub async fn finish_operation(pool: &PgPool, f: &Finish) -> Result<bool, sqlx::Error> {
+    let a = FinishArgs::of(f);
     // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
     // until its log record is on disk, which would make concurrent
     // finishes wait for each other's flushes rather than share one.
@@ -343,15 +395,15 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
                 ROW($20, $21, $22, $23, $24, $25, $26, $27)::volumed_event)",
     )
     .bind(f.request_id)
-    .bind(f.host)
-    .bind(f.op.map(Op::as_str).unwrap_or("unknown"))
+    .bind(&f.host)
+    .bind(a.op)
     .bind(f.volume_id)
     .bind(f.vm_id)
-    .bind(state)
-    .bind(code)
-    .bind(message)
-    .bind(retryable);
-    let finished: bool = bind_outgoing(c.bind_to(query), &f.outgoing)?
+    .bind(a.state)
+    .bind(a.code)
+    .bind(a.message)
+    .bind(a.retryable);
+    let finished: bool = bind_outgoing(a.change.bind_to(query), &f.outgoing)?
         .fetch_one(pool)
         .await?
         .try_get(0)?;
@@ -359,6 +411,198 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish<'_>) -> Result<bool, sql
         OUTBOX_BELL.notify_one();
     }
     Ok(finished)
+}
+
+/// [`finish_operation`] for several operations in one statement, so in one
+/// transaction with one commit: all of them are written, or none. The
+/// answers are in the order of `fs`.
+///
+/// The operations of one group must not touch the same rows (the workers'
+/// lanes run one operation per volume at a time, so they do not); a
+/// statement that fails, whatever the reason, has written nothing, and the
+/// caller can finish the operations one by one to learn which one failed.
+pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>, sqlx::Error> {
+    if fs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut c = FinishColumns::default();
+    for f in fs {
+        c.push(f)?;
+    }
+    let rows = sqlx::query(
+        "SELECT t.n, volumed_finish(t.request_id, t.host, t.op, t.volume_id, t.vm_id, t.state,
+                    t.code, t.message, t.retryable,
+                    ROW(t.kind, t.c_volume_id, t.c_vm_id, t.device_path, t.stable_path,
+                        t.export, t.export_name, t.engine, t.port, t.metadata)::volumed_change,
+                    ROW(t.event_id, t.e_request_id, t.e_host, t.routing_key, t.body,
+                        t.correlation_id, t.reply_to, t.traceparent)::volumed_event)
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                       $7::text[], $8::text[], $9::bool[],
+                       $10::text[], $11::uuid[], $12::uuid[], $13::text[], $14::text[],
+                       $15::text[], $16::text[], $17::text[], $18::int4[], $19::jsonb[],
+                       $20::uuid[], $21::uuid[], $22::text[], $23::text[], $24::jsonb[],
+                       $25::text[], $26::text[], $27::text[])
+                WITH ORDINALITY
+                AS t(request_id, host, op, volume_id, vm_id, state, code, message, retryable,
+                     kind, c_volume_id, c_vm_id, device_path, stable_path, export,
+                     export_name, engine, port, metadata,
+                     event_id, e_request_id, e_host, routing_key, body, correlation_id,
+                     reply_to, traceparent, n)",
+    )
+    .bind(&c.request_id)
+    .bind(&c.host)
+    .bind(&c.op)
+    .bind(&c.volume_id)
+    .bind(&c.vm_id)
+    .bind(&c.state)
+    .bind(&c.code)
+    .bind(&c.message)
+    .bind(&c.retryable)
+    .bind(&c.kind)
+    .bind(&c.c_volume_id)
+    .bind(&c.c_vm_id)
+    .bind(&c.device_path)
+    .bind(&c.stable_path)
+    .bind(&c.export)
+    .bind(&c.export_name)
+    .bind(&c.engine)
+    .bind(&c.port)
+    .bind(&c.metadata)
+    .bind(&c.event_id)
+    .bind(&c.e_request_id)
+    .bind(&c.e_host)
+    .bind(&c.routing_key)
+    .bind(&c.body)
+    .bind(&c.correlation_id)
+    .bind(&c.reply_to)
+    .bind(&c.traceparent)
+    .fetch_all(pool)
+    .await?;
+    let mut finished = vec![false; fs.len()];
+    for r in rows {
+        let n: i64 = r.try_get(0)?;
+        let ok: bool = r.try_get(1)?;
+        // WITH ORDINALITY counts from 1.
+        if let Some(slot) = usize::try_from(n - 1)
+            .ok()
+            .and_then(|i| finished.get_mut(i))
+        {
+            *slot = ok;
+        }
+    }
+    if finished.iter().any(|f| *f) {
+        OUTBOX_BELL.notify_one();
+    }
+    Ok(finished)
+}
+
+/// The arguments of `volumed_finish` that are computed from a [`Finish`].
+struct FinishArgs<'a> {
+    op: &'static str,
+    state: &'static str,
+    code: Option<&'static str>,
+    message: Option<&'a str>,
+    retryable: Option<bool>,
+    change: ChangeArgs<'a>,
+}
+
+impl<'a> FinishArgs<'a> {
+    fn of(f: &'a Finish) -> FinishArgs<'a> {
+        let (code, message) = match &f.error {
+            Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
+            None => (None, None),
+        };
+        FinishArgs {
+            op: f.op.map(Op::as_str).unwrap_or("unknown"),
+            state: if f.error.is_none() {
+                "succeeded"
+            } else {
+                "failed"
+            },
+            code,
+            message,
+            // The event's error says whether it may pass; an error without
+            // one falls back to its code's class.
+            retryable: f.error.as_ref().map(|(code, _)| {
+                f.outgoing
+                    .event
+                    .error
+                    .as_ref()
+                    .map_or(code.retryable(), |e| e.retryable)
+            }),
+            change: ChangeArgs::of(&f.change),
+        }
+    }
+}
+
+/// The arguments of several `volumed_finish` calls, one array per
+/// argument, in the order of the function's parameters and of the fields
+/// of `volumed_change` and `volumed_event`.
+#[derive(Default)]
+struct FinishColumns<'a> {
+    request_id: Vec<Uuid>,
+    host: Vec<&'a str>,
+    op: Vec<&'static str>,
+    volume_id: Vec<Option<Uuid>>,
+    vm_id: Vec<Option<Uuid>>,
+    state: Vec<&'static str>,
+    code: Vec<Option<&'static str>>,
+    message: Vec<Option<&'a str>>,
+    retryable: Vec<Option<bool>>,
+    kind: Vec<&'static str>,
+    c_volume_id: Vec<Option<Uuid>>,
+    c_vm_id: Vec<Option<Uuid>>,
+    device_path: Vec<Option<&'a str>>,
+    stable_path: Vec<Option<&'a str>>,
+    export: Vec<Option<&'static str>>,
+    export_name: Vec<Option<&'a str>>,
+    engine: Vec<Option<&'static str>>,
+    port: Vec<Option<i32>>,
+    metadata: Vec<Option<serde_json::Value>>,
+    event_id: Vec<Uuid>,
+    e_request_id: Vec<Uuid>,
+    e_host: Vec<&'a str>,
+    routing_key: Vec<&'static str>,
+    body: Vec<serde_json::Value>,
+    correlation_id: Vec<Option<&'a str>>,
+    reply_to: Vec<Option<&'a str>>,
+    traceparent: Vec<Option<&'a str>>,
+}
+
+impl<'a> FinishColumns<'a> {
+    fn push(&mut self, f: &'a Finish) -> Result<(), sqlx::Error> {
+        let a = FinishArgs::of(f);
+        let out = &f.outgoing;
+        self.request_id.push(f.request_id);
+        self.host.push(&f.host);
+        self.op.push(a.op);
+        self.volume_id.push(f.volume_id);
+        self.vm_id.push(f.vm_id);
+        self.state.push(a.state);
+        self.code.push(a.code);
+        self.message.push(a.message);
+        self.retryable.push(a.retryable);
+        let c = a.change;
+        self.kind.push(c.kind);
+        self.c_volume_id.push(c.volume_id);
+        self.c_vm_id.push(c.vm_id);
+        self.device_path.push(c.device_path);
+        self.stable_path.push(c.stable_path);
+        self.export.push(c.export);
+        self.export_name.push(c.export_name);
+        self.engine.push(c.engine);
+        self.port.push(c.port);
+        self.metadata.push(c.metadata.cloned());
+        self.event_id.push(out.event.event_id);
+        self.e_request_id.push(out.event.request_id);
+        self.e_host.push(&out.event.host);
+        self.routing_key.push(out.event.event_type.as_str());
+        self.body.push(event_body(&out.event)?);
+        self.correlation_id.push(out.correlation_id.as_deref());
+        self.reply_to.push(out.reply_to.as_deref());
+        self.traceparent.push(out.traceparent.as_deref());
+        Ok(())
+    }
 }
 
 /// An [`AttachmentChange`] as the fields of the database type
@@ -495,7 +739,7 @@ type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>
 
 /// Binds an outbox row's fields, in the order of the type `volumed_event`.
 fn bind_outgoing<'q>(q: PgQuery<'q>, out: &'q Outgoing) -> Result<PgQuery<'q>, sqlx::Error> {
-    let body = serde_json::to_value(&out.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let body = event_body(&out.event)?;
     Ok(q.bind(out.event.event_id)
         .bind(out.event.request_id)
         .bind(&out.event.host)
@@ -504,6 +748,11 @@ fn bind_outgoing<'q>(q: PgQuery<'q>, out: &'q Outgoing) -> Result<PgQuery<'q>, s
         .bind(&out.correlation_id)
         .bind(&out.reply_to)
         .bind(&out.traceparent))
+}
+
+/// An event as the outbox keeps it.
+fn event_body(event: &Event) -> Result<serde_json::Value, sqlx::Error> {
+    serde_json::to_value(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// One pending outbox row.
@@ -519,23 +768,32 @@ pub struct PendingEvent {
     pub traceparent: Option<String>,
 }
 
-/// Locks up to `limit` unsent events of a host, oldest first. Rows locked by
-/// another relay are skipped, so two relays never publish the same batch.
-pub async fn lock_pending(
+/// Takes up to `limit` unsent events of a host, oldest first, and marks
+/// them sent, in the caller's transaction: the mark only becomes visible
+/// when the caller commits, which it does after the broker confirmed them
+/// (a batch whose publishing fails is rolled back, and its rows are
+/// pending again). The rows stay locked until then; rows locked by another
+/// relay are skipped, so two relays never publish the same batch. Rows the
+/// broker refused, or could not route, are told apart afterwards with
+/// [`settle_claimed`].
+pub async fn claim_pending(
     tx: &mut Transaction<'_, Postgres>,
     host: &str,
     limit: i64,
 ) -> Result<Vec<PendingEvent>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, event_id, request_id, routing_key, body, correlation_id, reply_to, traceparent
-           FROM outbox WHERE host = $1 AND sent_at IS NULL
-          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "UPDATE outbox SET sent_at = now(), publish_attempts = publish_attempts + 1
+          WHERE id IN (SELECT id FROM outbox WHERE host = $1 AND sent_at IS NULL
+                        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING id, event_id, request_id, routing_key, body, correlation_id, reply_to,
+                   traceparent",
     )
     .bind(host)
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
-    rows.into_iter()
+    let mut pending = rows
+        .into_iter()
         .map(|r| {
             Ok(PendingEvent {
                 id: r.try_get("id")?,
@@ -548,38 +806,32 @@ pub async fn lock_pending(
                 traceparent: r.try_get("traceparent")?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    // RETURNING keeps no order: publish oldest first.
+    pending.sort_by_key(|p| p.id);
+    Ok(pending)
 }
 
-pub async fn mark_sent(
+/// Corrects a claimed batch before its commit: rows the broker refused are
+/// pending again (their attempt stays counted), rows no queue was bound
+/// for are marked unroutable. Nothing to correct costs no statement.
+pub async fn settle_claimed(
     tx: &mut Transaction<'_, Postgres>,
-    sent: &[i64],
+    refused: &[i64],
     unroutable: &[i64],
 ) -> Result<(), sqlx::Error> {
+    if refused.is_empty() && unroutable.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "UPDATE outbox SET sent_at = now(), publish_attempts = publish_attempts + 1,
+        "UPDATE outbox SET sent_at = CASE WHEN id = ANY($1) THEN NULL ELSE sent_at END,
                 unroutable = (id = ANY($2))
-          WHERE id = ANY($1)",
+          WHERE id = ANY($1) OR id = ANY($2)",
     )
-    .bind(sent)
+    .bind(refused)
     .bind(unroutable)
     .execute(&mut **tx)
     .await?;
-    Ok(())
-}
-
-/// Counts a refused publish of rows that stay pending.
-pub async fn count_refused(
-    tx: &mut Transaction<'_, Postgres>,
-    ids: &[i64],
-) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("UPDATE outbox SET publish_attempts = publish_attempts + 1 WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 

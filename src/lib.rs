@@ -19,6 +19,7 @@ pub mod dispatcher;
 pub mod dlq;
 pub mod failpoint;
 pub mod gate;
+pub mod group;
 pub mod health;
 pub mod http;
 pub mod metrics;

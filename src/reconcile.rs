@@ -606,7 +606,7 @@ impl Reconciler {
             repair: None,
         };
         let finish = crate::db::Finish {
-            host: &self.host,
+            host: self.host.clone(),
             request_id,
             op: Some(op),
             volume_id: volume,

@@ -110,9 +110,11 @@ impl Relay {
         let mut total = 0;
         loop {
             let mut tx = self.relaxed.begin().await?;
-            // The rows stay locked while their confirms are awaited, so a
-            // second relay of the same host cannot publish them meanwhile.
-            let rows = db::lock_pending(&mut tx, &self.config.host_id, BATCH).await?;
+            // Taken and marked in one statement; the rows stay locked while
+            // their confirms are awaited, so a second relay of the same host
+            // cannot publish them meanwhile, and the marks show only once
+            // the commit below follows the confirms.
+            let rows = db::claim_pending(&mut tx, &self.config.host_id, BATCH).await?;
             if rows.is_empty() {
                 tx.commit().await?;
                 return Ok(total);
@@ -149,8 +151,7 @@ impl Relay {
                     }
                 }
             }
-            db::mark_sent(&mut tx, &sent, &unroutable).await?;
-            db::count_refused(&mut tx, &refused).await?;
+            db::settle_claimed(&mut tx, &refused, &unroutable).await?;
             tx.commit().await?;
             total += sent.len();
             crate::metrics::get()

@@ -18,6 +18,7 @@ use crate::db::{self, AttachmentChange, ExportChange, Finish, NewExport, Outgoin
 use crate::device;
 use crate::failpoint;
 use crate::gate::Gate;
+use crate::group::Group;
 use crate::nbd::manager::{ExportError, Exports};
 use crate::nbd::{ExportName, ExportSpec};
 
@@ -127,10 +128,8 @@ pub struct Worker {
     pub appliance_vm: Uuid,
     pub backend: Arc<dyn Backend>,
     pub pool: PgPool,
-    /// Where an operation's start is journaled: a start lost in a crash
-    /// of PostgreSQL costs nothing, since its message is not acknowledged
-    /// and comes back (see `db::connect_relaxed`).
-    pub journal: PgPool,
+    /// Journals starts and finishes, grouped across workers.
+    pub journal: Journal,
     pub device_dir: PathBuf,
     pub device_timeout: Duration,
     pub exports: Arc<Exports>,
@@ -138,6 +137,100 @@ pub struct Worker {
     pub vm_locks: VmLocks,
     pub retry: RetryPolicy,
     pub steps: Steps,
+}
+
+/// The two statements every operation runs, its journal start and its
+/// finish, grouped across the workers ([`Group`]): under a burst, one
+/// statement starts (or finishes) every operation that is waiting for it,
+/// so the round trips and the commits do not grow with the number of
+/// operations in flight. A group's statement is all or nothing; when it
+/// fails, its operations are run one by one, so each learns its own
+/// outcome and one bad row cannot fail the others.
+pub struct Journal {
+    starts: Group<Request, Result<Start, sqlx::Error>>,
+    finishes: Group<Finish, Result<bool, sqlx::Error>>,
+    /// For a call whose group is gone (the runtime is stopping).
+    host: String,
+    pool: PgPool,
+    relaxed: PgPool,
+}
+
+/// The most operations one grouped statement carries.
+const GROUP_MAX: usize = 64;
+
+impl Journal {
+    /// Starts are written through `relaxed`: a start lost in a crash of
+    /// PostgreSQL costs nothing, since its message is not acknowledged and
+    /// comes back (see `db::connect_relaxed`). Finishes go through `pool`
+    /// and wait for the disk. `lanes` statements of each kind may run at
+    /// once.
+    pub fn start(host: &str, pool: PgPool, relaxed: PgPool, lanes: usize) -> Journal {
+        let starts = {
+            let (pool, host) = (relaxed.clone(), host.to_string());
+            Group::start(lanes, GROUP_MAX, move |reqs: Vec<Request>| {
+                let (pool, host) = (pool.clone(), host.clone());
+                async move {
+                    if reqs.len() > 1 {
+                        match db::start_operations(&pool, &host, &reqs).await {
+                            Ok(all) => return all.into_iter().map(Ok).collect(),
+                            Err(e) => warn!(count = reqs.len(), cause = %e,
+                                            "cannot start a group of operations; starting them one by one"),
+                        }
+                    }
+                    futures_util::future::join_all(
+                        reqs.iter().map(|r| db::start_operation(&pool, &host, r)),
+                    )
+                    .await
+                }
+            })
+        };
+        let finishes = {
+            let pool = pool.clone();
+            Group::start(lanes, GROUP_MAX, move |fs: Vec<Finish>| {
+                let pool = pool.clone();
+                async move {
+                    if fs.len() > 1 {
+                        match db::finish_operations(&pool, &fs).await {
+                            Ok(all) => return all.into_iter().map(Ok).collect(),
+                            Err(e) => {
+                                let ids: Vec<String> =
+                                    fs.iter().map(|f| f.request_id.to_string()).collect();
+                                warn!(request.ids = ?ids, cause = %e,
+                                      "cannot finish a group of operations; finishing them one by one");
+                            }
+                        }
+                    }
+                    futures_util::future::join_all(
+                        fs.iter().map(|f| db::finish_operation(&pool, f)),
+                    )
+                    .await
+                }
+            })
+        };
+        Journal {
+            starts,
+            finishes,
+            host: host.to_string(),
+            pool,
+            relaxed,
+        }
+    }
+
+    /// [`db::start_operation`], grouped.
+    pub async fn begin(&self, req: &Request) -> Result<Start, sqlx::Error> {
+        match self.starts.call(req.clone()).await {
+            Some(r) => r,
+            None => db::start_operation(&self.relaxed, &self.host, req).await,
+        }
+    }
+
+    /// [`db::finish_operation`], grouped.
+    pub async fn finish(&self, f: &Finish) -> Result<bool, sqlx::Error> {
+        match self.finishes.call(f.clone()).await {
+            Some(r) => r,
+            None => db::finish_operation(&self.pool, f).await,
+        }
+    }
 }
 
 /// The step each operation reached, written in batches: one statement for
@@ -224,10 +317,7 @@ impl Worker {
     /// [`Worker::handle`] without the metrics: the settle, and the outcome
     /// label it counts under.
     async fn run(&self, req: &Request) -> (Settle, &'static str) {
-        let start = db_retry("journal start", || {
-            db::start_operation(&self.journal, &self.host, req)
-        })
-        .await;
+        let start = db_retry("journal start", || self.journal.begin(req)).await;
         let (attempts, resumed) = match start {
             Ok(Start::Run {
                 attempts,
@@ -759,7 +849,7 @@ impl Worker {
             repair: None,
         };
         let finish = Finish {
-            host: &self.host,
+            host: self.host.clone(),
             request_id: req.request_id,
             op: Some(req.op),
             volume_id: Some(req.volume_id),
@@ -773,11 +863,7 @@ impl Worker {
                 traceparent: req.trace.map(|t| t.child().to_string()),
             },
         };
-        match db_retry("journal finish", || {
-            db::finish_operation(&self.pool, &finish)
-        })
-        .await
-        {
+        match db_retry("journal finish", || self.journal.finish(&finish)).await {
             Ok(true) => {
                 info!(event.type = event_type.as_str(), "operation committed");
                 (Settle::Ack, label)
@@ -803,11 +889,7 @@ impl Worker {
                     message: msg,
                     retryable: true,
                 });
-                match db_retry("journal finish", || {
-                    db::finish_operation(&self.pool, &failed)
-                })
-                .await
-                {
+                match db_retry("journal finish", || self.journal.finish(&failed)).await {
                     Ok(_) => (Settle::Ack, "failed"),
                     Err(e) => {
                         error!(cause = %e, "cannot record the failure either; requeueing");

@@ -1249,3 +1249,451 @@ async fn only_the_relaxed_pool_commits_without_waiting_for_the_disk() {
     assert_eq!(setting, "on", "outcomes are committed with the default");
     relaxed.close().await;
 }
+
+fn journal_request(op: volumed::contract::Op, volume: Uuid) -> volumed::contract::Request {
+    volumed::contract::Request {
+        request_id: Uuid::new_v4(),
+        op,
+        volume_id: volume,
+        vm_id: Some(Uuid::new_v4()),
+        export: false,
+        job_id: None,
+        metadata: json!({"wave": 1}),
+        correlation_id: None,
+        reply_to: None,
+        deadline: None,
+        retries: 0,
+        trace: None,
+    }
+}
+
+/// How a request of `journal_request` ends: attached to its VM without a
+/// device, or failed with `code`.
+fn journal_finish(
+    req: &volumed::contract::Request,
+    code: Option<ErrorCode>,
+) -> volumed::db::Finish {
+    use volumed::db::{AttachmentChange, ExportChange, Finish, Outgoing};
+    let vm = req.vm_id.expect("vm");
+    Finish {
+        host: HOST.into(),
+        request_id: req.request_id,
+        op: Some(req.op),
+        volume_id: Some(req.volume_id),
+        vm_id: req.vm_id,
+        error: code.map(|c| (c, format!("{c} in a test"))),
+        change: match code {
+            None => AttachmentChange::Upsert {
+                volume_id: req.volume_id,
+                vm_id: vm,
+                device_path: None,
+                stable_path: None,
+                export: ExportChange::Keep,
+            },
+            Some(_) => AttachmentChange::None,
+        },
+        outgoing: Outgoing {
+            event: volumed::contract::Event {
+                request_id: req.request_id,
+                event_type: req.op.event_type(code.is_none()),
+                volume_id: Some(req.volume_id),
+                vm_id: req.vm_id,
+                error: code.map(|c| volumed::contract::EventError {
+                    code: c,
+                    message: format!("{c} in a test"),
+                    retryable: c.retryable(),
+                }),
+                ..outside_event()
+            },
+            correlation_id: Some(format!("corr-{}", req.request_id)),
+            reply_to: None,
+            traceparent: None,
+        },
+    }
+}
+
+/// Locks the journal row of `request` in a transaction of the test, then
+/// runs `call` (a grouped statement on that row) until it waits for the
+/// lock: the group's only lane is then busy, and what is called next
+/// queues up. Rolling back the returned transaction lets `call` finish.
+async fn hold_the_lane<F>(
+    env: &Env,
+    request: Uuid,
+    call: F,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<Result<(), String>>,
+)
+where
+    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut holder = env.pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM operations WHERE request_id = $1 FOR UPDATE")
+        .bind(request)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let blocker = tokio::spawn(call);
+    env.wait_count(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        1,
+    )
+    .await;
+    (holder, blocker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_finishes_is_one_transaction_with_each_answer_in_its_place() {
+    use volumed::contract::Op;
+    use volumed::db::{self, Start};
+    let env = Env::new("group_finish").await;
+    let reqs: Vec<_> = (0..5)
+        .map(|_| journal_request(Op::Attach, Uuid::new_v4()))
+        .collect();
+    let started = db::start_operations(&env.pool, HOST, &reqs)
+        .await
+        .expect("grouped start");
+    assert!(
+        started
+            .iter()
+            .all(|s| matches!(s, Start::Run { attempts: 1, .. })),
+        "{started:?}"
+    );
+    // The third is finished alone first: in the group it must answer
+    // false and write nothing more.
+    let early = journal_finish(&reqs[2], None);
+    assert!(db::finish_operation(&env.pool, &early)
+        .await
+        .expect("finish"));
+    let finishes: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| journal_finish(r, (i == 4).then_some(ErrorCode::BackendUnavailable)))
+        .collect();
+    let answers = db::finish_operations(&env.pool, &finishes)
+        .await
+        .expect("grouped finish");
+    assert_eq!(answers, vec![true, true, false, true, true]);
+
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.request_id).collect();
+    let states: HashMap<Uuid, String> =
+        sqlx::query_as("SELECT request_id, state FROM operations WHERE request_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .expect("states")
+            .into_iter()
+            .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let want = if i == 4 { "failed" } else { "succeeded" };
+        assert_eq!(states[id], want, "request {i}");
+    }
+    let events: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT request_id, correlation_id FROM outbox WHERE request_id = ANY($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&env.pool)
+    .await
+    .expect("events");
+    assert_eq!(events.len(), 5, "one event per request: {events:?}");
+    for (id, corr) in &events {
+        assert_eq!(corr.as_deref(), Some(format!("corr-{id}").as_str()));
+    }
+    let attached: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM volume_attachments WHERE request_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&env.pool)
+            .await
+            .expect("attachments");
+    assert_eq!(attached, 4, "the failed request changes no attachment");
+    let errors: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT request_id, code FROM operation_errors WHERE request_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .expect("errors");
+    assert_eq!(errors, vec![(ids[4], "backend_unavailable".to_string())]);
+    // The four rows the group wrote share one transaction.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM outbox WHERE request_id = ANY($1)",
+    )
+    .bind(&ids[..2])
+    .fetch_one(&env.pool)
+    .await
+    .expect("xmin");
+    assert_eq!(transactions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_one_bad_finish_writes_nothing_and_the_journal_finishes_the_rest() {
+    use volumed::contract::Op;
+    use volumed::db;
+    let env = Env::new("group_bad").await;
+    let reqs: Vec<_> = (0..4)
+        .map(|_| journal_request(Op::Attach, Uuid::new_v4()))
+        .collect();
+    db::start_operations(&env.pool, HOST, &reqs)
+        .await
+        .expect("start");
+    let mut finishes: Vec<_> = reqs.iter().map(|r| journal_finish(r, None)).collect();
+    // An event id the outbox already holds: its insert violates a unique
+    // constraint, whatever the other rows are.
+    let taken = outside_event();
+    let mut tx = env.pool.begin().await.expect("tx");
+    db::insert_event(&mut tx, &taken).await.expect("insert");
+    tx.commit().await.expect("commit");
+    finishes[1].outgoing.event.event_id = taken.event_id;
+    let grouped = db::finish_operations(&env.pool, &finishes).await;
+    assert!(grouped.is_err(), "{grouped:?}");
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.request_id).collect();
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE request_id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(written, 0, "a failed group writes nothing");
+
+    // Through the journal, all four queued at once behind a finish that
+    // holds the only lane: they form one group, which fails, then each is
+    // finished alone and learns its own outcome.
+    let journal = std::sync::Arc::new(volumed::worker::Journal::start(
+        HOST,
+        env.pool.clone(),
+        env.pool.clone(),
+        1,
+    ));
+    let first = journal_request(Op::Attach, Uuid::new_v4());
+    db::start_operations(&env.pool, HOST, std::slice::from_ref(&first))
+        .await
+        .expect("start");
+    let (holder, blocker) = hold_the_lane(&env, first.request_id, {
+        let (j, f) = (
+            std::sync::Arc::clone(&journal),
+            journal_finish(&first, None),
+        );
+        async move { j.finish(&f).await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await;
+    let mut all = Box::pin(futures_util::future::join_all(
+        finishes.iter().map(|f| journal.finish(f)),
+    ));
+    assert!(
+        futures_util::poll!(&mut all).is_pending(),
+        "queued behind the lane"
+    );
+    holder.rollback().await.expect("release");
+    assert_eq!(blocker.await.expect("task"), Ok(()));
+    let answers: Vec<Result<bool, String>> = all
+        .await
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect();
+    assert!(answers[1].is_err(), "{answers:?}");
+    for i in [0, 2, 3] {
+        assert_eq!(answers[i], Ok(true), "{answers:?}");
+    }
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE request_id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(written, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_starts_tells_each_request_what_it_is() {
+    use volumed::contract::Op;
+    use volumed::db::{self, Start};
+    let env = Env::new("group_start").await;
+    let volume = Uuid::new_v4();
+    let running = journal_request(Op::Attach, volume);
+    let done = journal_request(Op::Attach, Uuid::new_v4());
+    let first = db::start_operations(&env.pool, HOST, &[running.clone(), done.clone()])
+        .await
+        .expect("start");
+    assert!(first
+        .iter()
+        .all(|s| matches!(s, Start::Run { attempts: 1, .. })));
+    assert!(
+        db::finish_operation(&env.pool, &journal_finish(&done, None))
+            .await
+            .expect("finish")
+    );
+    let fresh = journal_request(Op::Detach, Uuid::new_v4());
+    // The id of `running`, for another volume: a conflict.
+    let mut reused = journal_request(Op::Attach, Uuid::new_v4());
+    reused.request_id = running.request_id;
+    let group = [running.clone(), done.clone(), fresh.clone()];
+    let answers = db::start_operations(&env.pool, HOST, &group)
+        .await
+        .expect("start");
+    assert_eq!(
+        answers,
+        vec![
+            Start::Run {
+                attempts: 2,
+                cloud_job: None
+            },
+            Start::Done {
+                state: "succeeded".into()
+            },
+            Start::Run {
+                attempts: 1,
+                cloud_job: None
+            },
+        ]
+    );
+    let alone = db::start_operations(&env.pool, HOST, std::slice::from_ref(&reused))
+        .await
+        .expect("start");
+    assert!(matches!(alone[0], Start::Conflict { .. }), "{alone:?}");
+    // The same id twice in one group: the statement refuses it, and the
+    // journal starts them one by one.
+    let twice = db::start_operations(&env.pool, HOST, &[fresh.clone(), fresh.clone()]).await;
+    assert!(twice.is_err(), "{twice:?}");
+    let journal = std::sync::Arc::new(volumed::worker::Journal::start(
+        HOST,
+        env.pool.clone(),
+        env.pool.clone(),
+        1,
+    ));
+    let (holder, blocker) = hold_the_lane(&env, running.request_id, {
+        let (j, r) = (std::sync::Arc::clone(&journal), running.clone());
+        async move { j.begin(&r).await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await;
+    let mut both = Box::pin(futures_util::future::join_all(
+        (0..2).map(|_| journal.begin(&fresh)),
+    ));
+    assert!(
+        futures_util::poll!(&mut both).is_pending(),
+        "queued behind the lane"
+    );
+    holder.rollback().await.expect("release");
+    assert_eq!(blocker.await.expect("task"), Ok(()));
+    let mut attempts = Vec::new();
+    for answer in both.await {
+        match answer {
+            Ok(Start::Run { attempts: a, .. }) => attempts.push(a),
+            other => panic!("{other:?}"),
+        }
+    }
+    attempts.sort();
+    assert_eq!(attempts, vec![2, 3], "each call counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_skip_an_operation_whose_row_is_locked_instead_of_waiting() {
+    use volumed::contract::Op;
+    use volumed::db;
+    let env = Env::new("steps_locked").await;
+    let reqs: Vec<_> = (0..2)
+        .map(|_| journal_request(Op::Attach, Uuid::new_v4()))
+        .collect();
+    db::start_operations(&env.pool, HOST, &reqs)
+        .await
+        .expect("start");
+    // Another transaction holds the first row, as a finishing group does.
+    let mut holder = env.pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM operations WHERE request_id = $1 FOR UPDATE")
+        .bind(reqs[0].request_id)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let ids = [reqs[0].request_id, reqs[1].request_id];
+    let recorded = tokio::time::timeout(
+        Duration::from_secs(5),
+        db::record_steps(&env.pool, &ids, &["device_found", "device_found"]),
+    )
+    .await;
+    holder.rollback().await.expect("rollback");
+    recorded.expect("the steps did not wait").expect("steps");
+    let steps: HashMap<Uuid, String> =
+        sqlx::query_as("SELECT request_id, step FROM operations WHERE request_id = ANY($1)")
+            .bind(&ids[..])
+            .fetch_all(&env.pool)
+            .await
+            .expect("steps")
+            .into_iter()
+            .collect();
+    assert_eq!(steps[&ids[1]], "device_found");
+    assert_ne!(steps[&ids[0]], "device_found", "the locked row is skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_refused_events_pending_and_marks_unroutable_ones() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = Env::new("relay_marks").await;
+    let d = env.start(HOST, &[("VOLUMED_OUTBOX_POLL_MS", "100")]);
+    d.wait_log("outbox relay connected", WAIT);
+    // A queue that takes nothing, bound to attach events: the broker
+    // refuses (nacks) every attach event routed to it.
+    let conn = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare("full", QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare");
+    ch.queue_bind(
+        "full",
+        topology::EVENTS_EXCHANGE,
+        "volume.attach.*",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let attach = Outgoing::attach(HOST, vol, env.appliance, false);
+    client.publish(&attach).await.expect("publish");
+    let row = format!(
+        "SELECT count(*) FROM outbox WHERE request_id = '{}' AND sent_at IS NULL
+            AND NOT unroutable AND publish_attempts >= 2",
+        attach.request_id
+    );
+    // Refused at least twice, and still pending.
+    env.wait_count(&row, 1).await;
+
+    // Without that queue nothing is bound for attach events: the event is
+    // marked sent and unroutable, and kept.
+    ch.queue_delete("full", QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM outbox WHERE request_id = '{}'
+                AND sent_at IS NOT NULL AND unroutable",
+            attach.request_id
+        ),
+        1,
+    )
+    .await;
+
+    // An event with a subscriber is sent and routable.
+    let mut sub = client.subscribe("#").await.expect("subscribe");
+    let detach = Outgoing::detach(HOST, vol, None);
+    client.publish(&detach).await.expect("publish");
+    let ev = sub.wait_for(detach.request_id, WAIT).await.expect("event");
+    assert!(ev.event_type.succeeded(), "{ev:?}");
+    env.wait_count(
+        &format!(
+            "SELECT count(*) FROM outbox WHERE request_id = '{}'
+                AND sent_at IS NOT NULL AND NOT unroutable AND publish_attempts = 1",
+            detach.request_id
+        ),
+        1,
+    )
+    .await;
+    let _ = conn.close(200, "done").await;
+    client.close().await;
+}

@@ -885,3 +885,71 @@ async fn a_failed_live_check_fails_the_change_and_removes_what_was_written() {
         }
     }
 }
+
+/// The batch live check of nbdkit: one connection lists the exports, then
+/// asks about each name of the batch with `NBD_OPT_INFO`. The answers must
+/// be the server's own, name by name, in order: a served export with its
+/// size, an unknown one refused, and a name whose file cannot be opened
+/// refused too (nbdkit opens the file to answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_lists_and_asks_about_every_export_of_a_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = format!("vol-{}", Uuid::new_v4());
+    let dangling = format!("vol-{}", Uuid::new_v4());
+    let absent = format!("vol-{}", Uuid::new_v4());
+    std::fs::write(dir.path().join(&served), vec![0u8; 8192]).expect("served export");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join(&dangling))
+        .expect("dangling export");
+    let port = common::free_port();
+    let mut nbdkit = Command::new("nbdkit")
+        .args([
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(format!("dir={}", dir.path().display()))
+        .spawn()
+        .expect("nbdkit starts");
+    let deadline = std::time::Instant::now() + WAIT;
+    while proto::list("127.0.0.1", port, Duration::from_secs(1))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdkit never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let names = [
+        served.as_str(),
+        absent.as_str(),
+        dangling.as_str(),
+        served.as_str(),
+    ];
+    let survey = proto::survey("127.0.0.1", port, &names, Duration::from_secs(10)).await;
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+    let survey = survey.expect("survey");
+    assert!(survey.listed.contains(&served), "{survey:?}");
+    assert!(!survey.listed.contains(&absent), "{survey:?}");
+    assert_eq!(survey.answers.len(), names.len(), "{survey:?}");
+    assert_eq!(survey.answers[0], Open::Served { size: 8192 });
+    assert!(
+        matches!(survey.answers[1], Open::Refused { .. }),
+        "{survey:?}"
+    );
+    assert!(
+        matches!(survey.answers[2], Open::Refused { .. }),
+        "{survey:?}"
+    );
+    assert_eq!(
+        survey.answers[3],
+        Open::Served { size: 8192 },
+        "a refusal leaves the connection usable for the next name"
+    );
+}

@@ -883,10 +883,26 @@ impl Prober {
         // a wave's checks grow with the square of its size. An add missing
         // from that listing (a reload not taken yet) gets the full check,
         // with its retries.
-        let adds = batch
+        let pending: Vec<&Change> = batch
             .iter()
             .zip(outcomes)
-            .any(|(r, o)| o.is_none() && matches!(r.change, Change::Add(_)));
+            .filter(|(_, o)| o.is_none())
+            .map(|(r, _)| &r.change)
+            .collect();
+        let adds = pending.iter().any(|c| matches!(c, Change::Add(_)));
+        if let Some(answers) = self.survey(&pending).await {
+            // nbdkit: the listing and every open of the batch were asked on
+            // one connection.
+            let mut answers = answers.into_iter();
+            let checks = batch.iter().zip(outcomes).map(|(r, o)| {
+                let answer = if o.is_none() { answers.next() } else { None };
+                async move {
+                    let (listed, open) = answer?;
+                    Some(self.judge(&r.change, listed, open).await)
+                }
+            });
+            return futures_util::future::join_all(checks).await;
+        }
         let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
             (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
                 .await
@@ -916,6 +932,67 @@ impl Prober {
             })
         });
         futures_util::future::join_all(checks).await
+    }
+
+    /// With nbdkit and no TLS: lists the exports and asks about every
+    /// change of the batch with `NBD_OPT_INFO` on one connection (nbdkit
+    /// opens an export to answer it), and returns for each change whether
+    /// the listing showed it and what the server answered. `None` when the
+    /// engine is nbd-server, TLS is required, or the connection failed:
+    /// then every change is checked on its own.
+    async fn survey(&self, changes: &[&Change]) -> Option<Vec<(bool, Open)>> {
+        if self.cfg.engine != NbdEngineKind::Nbdkit || self.cfg.tls_psk.is_some() {
+            return None;
+        }
+        if changes.is_empty() {
+            return Some(Vec::new());
+        }
+        let names: Vec<&str> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Add(spec) => spec.name.as_str(),
+                Change::Withdraw(name) => name.as_str(),
+            })
+            .collect();
+        let survey = proto::survey(
+            &self.cfg.listen,
+            self.cfg.port,
+            &names,
+            self.cfg.check_timeout,
+        )
+        .await
+        .map_err(|e| debug!(cause = %e, "batch live check failed; checking each change alone"))
+        .ok()?;
+        let listed: HashSet<&str> = survey.listed.iter().map(String::as_str).collect();
+        Some(
+            names
+                .iter()
+                .zip(survey.answers)
+                .map(|(n, open)| (listed.contains(n), open))
+                .collect(),
+        )
+    }
+
+    /// The outcome of one change from the batch's survey. An add that was
+    /// not both listed and opened gets the full check, with its retries.
+    async fn judge(&self, change: &Change, listed: bool, open: Open) -> Result<(), ExportError> {
+        match change {
+            Change::Add(spec) => {
+                if listed && matches!(open, Open::Served { .. }) {
+                    return Ok(());
+                }
+                let _turn = self.few.acquire().await.ok();
+                self.check_served(spec.name.as_str()).await.map_err(|why| {
+                    ExportError::Failed(format!("export {} is not live: {why}", spec.name))
+                })
+            }
+            Change::Withdraw(name) => match open {
+                Open::Refused { .. } => Ok(()),
+                Open::Served { .. } => Err(ExportError::Failed(format!(
+                    "export {name} still accepts connections after withdrawal"
+                ))),
+            },
+        }
     }
 
     async fn check_names(&self, names: &[&str]) -> Vec<(String, String)> {

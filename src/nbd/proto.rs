@@ -159,11 +159,16 @@ impl Session {
     /// transmission phase and can only do I/O or disconnect.
     pub async fn go(mut self, name: &str) -> Result<(Open, Option<Transmission>), NbdError> {
         let open = self.ask_export(OPT_GO, name).await?;
-        let t = matches!(open, Open::Served { .. }).then_some(Transmission {
+        if matches!(open, Open::Refused { .. }) {
+            // Leave politely so the server logs no protocol error.
+            let _ = self.send_option(OPT_ABORT, &[]).await;
+            return Ok((open, None));
+        }
+        let t = Transmission {
             stream: self.stream,
             handle: 0,
-        });
-        Ok((open, t))
+        };
+        Ok((open, Some(t)))
     }
 
     /// Asks what `name` is (`NBD_OPT_INFO`) and leaves. The server opens
@@ -172,13 +177,18 @@ impl Session {
     /// the threads a transmission would get.
     pub async fn info(mut self, name: &str) -> Result<Open, NbdError> {
         let open = self.ask_export(OPT_INFO, name).await?;
-        if matches!(open, Open::Served { .. }) {
-            self.abort().await;
-        }
+        self.abort().await;
         Ok(open)
     }
 
-    /// `NBD_OPT_GO` or `NBD_OPT_INFO` for `name`, asking for its size.
+    /// Asks what `name` is (`NBD_OPT_INFO`) and stays in the option phase,
+    /// so one connection can ask about several exports.
+    pub async fn ask_info(&mut self, name: &str) -> Result<Open, NbdError> {
+        self.ask_export(OPT_INFO, name).await
+    }
+
+    /// `NBD_OPT_GO` or `NBD_OPT_INFO` for `name`, asking for its size. A
+    /// refusal leaves the session in the option phase.
     async fn ask_export(&mut self, opt: u32, name: &str) -> Result<Open, NbdError> {
         let what = if opt == OPT_GO {
             "NBD_OPT_GO"
@@ -211,8 +221,6 @@ impl Session {
                 }
                 REP_ERR_TLS_REQD => return Err(NbdError::TlsRequired),
                 k if k & REP_ERR_BIT != 0 => {
-                    // Leave politely so the server logs no protocol error.
-                    let _ = self.send_option(OPT_ABORT, &[]).await;
                     return Ok(Open::Refused {
                         code: k,
                         message: format!("{}: {}", error_name(k), String::from_utf8_lossy(&data)),
@@ -332,6 +340,41 @@ pub async fn probe(
             t.disconnect().await;
         }
         Ok(Probe { listed, open })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| NbdError::Timeout(timeout))?
+}
+
+/// What one connection learned about a batch of exports: the listing,
+/// then the server's answer to `NBD_OPT_INFO` for each name asked, in
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Survey {
+    pub listed: Vec<String>,
+    pub answers: Vec<Open>,
+}
+
+/// Lists the server's exports, then asks about each of `names` with
+/// `NBD_OPT_INFO`, on one connection, and leaves. For a server that opens
+/// an export to answer `NBD_OPT_INFO` (nbdkit) this is a live check of the
+/// whole batch for the price of one connection. Bounded by `timeout` as a
+/// whole.
+pub async fn survey(
+    addr: &str,
+    port: u16,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<Survey, NbdError> {
+    let work = async {
+        let mut s = Session::connect(addr, port).await?;
+        let listed = s.list().await?;
+        let mut answers = Vec::with_capacity(names.len());
+        for name in names {
+            answers.push(s.ask_info(name).await?);
+        }
+        s.abort().await;
+        Ok(Survey { listed, answers })
     };
     tokio::time::timeout(timeout, work)
         .await
