@@ -49,6 +49,12 @@ pub struct Figures {
     pub requests: usize,
     pub seconds: f64,
     pub throughput_per_s: f64,
+    /// Throughput over the middle 80 % of the events (from the 10th
+    /// percentile of arrival times to the 90th): the rate once the burst is
+    /// flowing, without its start (the first batches, connections opened
+    /// on first use) and its tail. This is the figure to compare between
+    /// runs of different lengths.
+    pub sustained_per_s: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
@@ -61,6 +67,8 @@ pub struct Report {
     pub floor: Option<Figures>,
     /// daemon throughput / floor throughput.
     pub throughput_ratio: Option<f64>,
+    /// The same for the sustained throughputs.
+    pub sustained_ratio: Option<f64>,
     /// daemon p99 / floor p99.
     pub p99_ratio: Option<f64>,
     pub failed_events: usize,
@@ -84,13 +92,20 @@ impl Report {
     pub fn render(&self) -> String {
         let row = |name: &str, f: &Figures| {
             format!(
-                "| {name:<7} | {:>8} | {:>7.2} | {:>8.1} | {:>7.1} | {:>7.1} | {:>7.1} | {:>7.1} |\n",
-                f.requests, f.seconds, f.throughput_per_s, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+                "| {name:<7} | {:>8} | {:>7.2} | {:>8.1} | {:>9.1} | {:>7.1} | {:>7.1} | {:>7.1} | {:>7.1} |\n",
+                f.requests,
+                f.seconds,
+                f.throughput_per_s,
+                f.sustained_per_s,
+                f.p50_ms,
+                f.p90_ms,
+                f.p99_ms,
+                f.max_ms
             )
         };
         let mut out = String::from(
-            "|         | requests | seconds | req/s    | p50 ms  | p90 ms  | p99 ms  | max ms  |\n\
-             |---------|----------|---------|----------|---------|---------|---------|---------|\n",
+            "|         | requests | seconds | req/s    | sustained | p50 ms  | p90 ms  | p99 ms  | max ms  |\n\
+             |---------|----------|---------|----------|-----------|---------|---------|---------|---------|\n",
         );
         out.push_str(&row("daemon", &self.daemon));
         if let Some(f) = &self.floor {
@@ -98,12 +113,13 @@ impl Report {
         }
         let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "\nthroughput / floor: {}   p99 / floor: {}\n\
+            "\nthroughput / floor: {}   sustained / floor: {}   p99 / floor: {}\n\
              failed events: {}\n\
              {} reloads, {} restarts for {} export changes ({:.3} reloads per change)\n\
              database commits per operation: {:.2}\n\
              daemon RSS: idle {:.1} MiB, peak {:.1} MiB\n",
             ratio(self.throughput_ratio),
+            ratio(self.sustained_ratio),
             ratio(self.p99_ratio),
             self.failed_events,
             self.nbd_reloads,
@@ -177,15 +193,22 @@ fn step_means(text: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn figures(mut lat: Vec<Duration>, seconds: f64) -> Figures {
+/// The figures of a run from each request's latency and the arrival time
+/// of each event (from the first publish).
+fn figures(mut lat: Vec<Duration>, mut arrivals: Vec<Duration>) -> Figures {
     lat.sort();
-    let pick = |q: f64| {
-        if lat.is_empty() {
-            return 0.0;
+    arrivals.sort();
+    let seconds = arrivals.last().copied().unwrap_or_default().as_secs_f64();
+    let pick = |v: &[Duration], q: f64| {
+        if v.is_empty() {
+            return Duration::ZERO;
         }
-        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
-        lat[i].as_secs_f64() * 1000.0
+        v[((v.len() as f64 - 1.0) * q).round() as usize]
     };
+    let ms = |q: f64| pick(&lat, q).as_secs_f64() * 1000.0;
+    let (from, to) = (pick(&arrivals, 0.1), pick(&arrivals, 0.9));
+    let middle = arrivals.iter().filter(|a| **a >= from && **a <= to).count();
+    let span = to.saturating_sub(from).as_secs_f64();
     Figures {
         requests: lat.len(),
         seconds,
@@ -194,10 +217,15 @@ fn figures(mut lat: Vec<Duration>, seconds: f64) -> Figures {
         } else {
             0.0
         },
-        p50_ms: pick(0.5),
-        p90_ms: pick(0.9),
-        p99_ms: pick(0.99),
-        max_ms: pick(1.0),
+        sustained_per_s: if span > 0.0 {
+            middle.saturating_sub(1) as f64 / span
+        } else {
+            0.0
+        },
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: ms(1.0),
     }
 }
 
@@ -409,12 +437,6 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         }
     }
     seen.abort();
-    let seconds = done
-        .values()
-        .max()
-        .copied()
-        .unwrap_or_default()
-        .as_secs_f64();
     let (_, peak_rss) = rss(pid);
     let step_means_ms = match reqwest::get(format!("http://{http}/metrics")).await {
         Ok(r) => step_means(&r.text().await.unwrap_or_default()),
@@ -427,7 +449,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let mut samples: Vec<(Duration, Duration)> =
         done.iter().map(|(id, at)| (published[id], *at)).collect();
     samples.sort();
-    let daemon = figures(latencies, seconds);
+    let daemon = figures(latencies, done.values().copied().collect());
     let (reloads, restarts, changes): (i64, i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(reloads), 0)::bigint, COALESCE(sum(restarts), 0)::bigint,
                 COALESCE(sum(changes), 0)::bigint FROM nbd_stats WHERE host = $1",
@@ -463,6 +485,9 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         throughput_ratio: floor
             .as_ref()
             .map(|f| daemon.throughput_per_s / f.throughput_per_s),
+        sustained_ratio: floor
+            .as_ref()
+            .map(|f| daemon.sustained_per_s / f.sustained_per_s.max(0.001)),
         p99_ratio: floor.as_ref().map(|f| daemon.p99_ms / f.p99_ms.max(0.001)),
         daemon,
         floor,
@@ -688,7 +713,7 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
         c.await?;
     }
     let mut lat = Vec::with_capacity(plan.requests);
-    let mut last = Duration::ZERO;
+    let mut arrivals = Vec::with_capacity(plan.requests);
     while lat.len() < plan.requests {
         let next = tokio::time::timeout(Duration::from_secs(60), arrived.recv()).await;
         let Ok(Some((mid, at))) = next else { break };
@@ -698,7 +723,7 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
             .get(mid.as_str())
         {
             lat.push(at.saturating_sub(*p));
-            last = at;
+            arrivals.push(at);
         }
     }
     receiver.abort();
@@ -709,5 +734,30 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     sqlx::query("DROP TABLE IF EXISTS volumed_bench_floor")
         .execute(pool)
         .await?;
-    Ok(figures(lat, last.as_secs_f64()))
+    Ok(figures(lat, arrivals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sustained_rate_leaves_out_a_slow_start() {
+        // Ten events over the first second, then ninety at 100 per second.
+        let mut arrivals: Vec<Duration> = (0..10).map(|i| Duration::from_millis(i * 100)).collect();
+        arrivals.extend((0..90).map(|i| Duration::from_millis(1000 + i * 10)));
+        let lat = vec![Duration::from_millis(5); arrivals.len()];
+        let f = figures(lat, arrivals);
+        assert_eq!(f.requests, 100);
+        assert!((f.seconds - 1.89).abs() < 1e-9, "{f:?}");
+        assert!(f.throughput_per_s < 60.0, "{f:?}");
+        assert!((f.sustained_per_s - 100.0).abs() < 1.0, "{f:?}");
+        assert_eq!(f.p99_ms, 5.0);
+    }
+
+    #[test]
+    fn an_empty_run_has_no_rates() {
+        let f = figures(Vec::new(), Vec::new());
+        assert_eq!((f.throughput_per_s, f.sustained_per_s), (0.0, 0.0));
+    }
 }

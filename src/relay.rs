@@ -31,6 +31,11 @@ use crate::topology::EVENTS_EXCHANGE;
 /// costs one round of confirms, not one per event.
 const BATCH: i64 = 256;
 
+/// How long the relay waits after a commit of its own process before it
+/// takes the batch: the events of a burst are published in fewer, larger
+/// batches, for at most this much latency per event.
+const GATHER: Duration = Duration::from_millis(5);
+
 pub struct Relay {
     pub config: Arc<Config>,
     pub pool: PgPool,
@@ -91,7 +96,12 @@ impl Relay {
                     let _ = conn.close(200, "volumed stopping").await;
                     return Ok(());
                 }
-                _ = db::OUTBOX_BELL.notified() => {}
+                _ = db::OUTBOX_BELL.notified() => {
+                    // Let the finishes of the next few milliseconds join
+                    // this batch: a batch costs three statements and a
+                    // round of confirms whatever its size.
+                    tokio::time::sleep(GATHER).await;
+                }
                 n = listener.recv() => {
                     if let Err(e) = n {
                         // The listener reconnects on its next call; the

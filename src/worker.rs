@@ -234,7 +234,9 @@ impl Journal {
 }
 
 /// The step each operation reached, written in batches: one statement for
-/// every step recorded in a 20 ms window, instead of a commit per step. The
+/// every step recorded in a 100 ms window, instead of a commit per step;
+/// an operation that finishes within the window has its steps dropped
+/// (its journal row says `committed` by then). The
 /// steps are for operators and post-mortems; a redelivered request
 /// re-verifies the world rather than trusting them, so the last few may be
 /// lost in a crash. A step arriving after its operation finished is
@@ -243,12 +245,16 @@ pub struct Steps {
     tx: tokio::sync::mpsc::UnboundedSender<(Uuid, &'static str)>,
 }
 
+/// See [`Steps`]: long enough that a quick operation costs no step write,
+/// short enough that an operator watching a slow one sees it move.
+const STEP_WINDOW: Duration = Duration::from_millis(100);
+
 impl Steps {
     pub fn start(pool: PgPool) -> Steps {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Uuid, &'static str)>();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(STEP_WINDOW).await;
                 let mut latest: std::collections::HashMap<Uuid, &'static str> =
                     std::collections::HashMap::new();
                 latest.insert(first.0, first.1);

@@ -36,6 +36,13 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
     assert_eq!(report["failed_events"], 0);
     assert_eq!(report["floor"]["requests"], 20);
     assert!(report["throughput_ratio"].as_f64().expect("ratio") > 0.0);
+    assert!(report["sustained_ratio"].as_f64().expect("sustained ratio") > 0.0);
+    assert!(
+        report["daemon"]["sustained_per_s"]
+            .as_f64()
+            .expect("sustained")
+            > 0.0
+    );
     assert!(
         report["daemon"]["p99_ms"].as_f64().expect("p99")
             >= report["daemon"]["p50_ms"].as_f64().expect("p50")
