@@ -1164,6 +1164,42 @@ async fn volumed_migrate_applies_the_schema_once_and_its_constraints_hold() {
         .expect("second failover attachment");
 }
 
+/// A database already migrated by a later release (rolled back to this
+/// one): the later migration only added to the schema, so this build must
+/// start on it, and leave that migration in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_a_later_release_still_runs_this_one() {
+    let env = Env::new("later_release").await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'a later release', true, '\\x00'::bytea, 0)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("a later migration");
+    let out = env.cli(HOST, &["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _d = env.start(HOST, &[]);
+    let client = env.client().await;
+    let vol = env.create_volume(HOST);
+    let ev = client
+        .attach_and_wait(HOST, vol, env.appliance, false, WAIT)
+        .await
+        .expect("attach");
+    assert!(ev.event_type.succeeded(), "{ev:?}");
+    client.close().await;
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version = 29991231000001")
+            .fetch_one(&env.pool)
+            .await
+            .expect("history");
+    assert_eq!(kept, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_reused_for_another_volume_is_dead_lettered() {
     let env = Env::new("reuse").await;
