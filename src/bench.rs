@@ -42,6 +42,10 @@ pub struct Plan {
     pub engine: String,
     pub workers: usize,
     pub floor: bool,
+    /// Where the daemon's own files go (its export directory or nbd-server
+    /// configuration, its pidfile); the system's temporary directory when
+    /// `None`.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -268,12 +272,17 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let host = format!("bench-{id}");
     // What the daemon keeps itself (its export directory or nbd-server
-    // configuration, pidfile) goes to the temporary directory, on disk.
+    // configuration, pidfile) goes to the state directory asked for, or to
+    // the temporary directory, on disk.
     // What stands for the cloud (the local backend's volumes and state, the
     // emulator's) and for the kernel's /dev/disk/by-id (a devtmpfs on a
     // real appliance) goes to memory when /dev/shm exists, so the figures
     // are the daemon's and not those of the stand-ins' file churn.
-    let dir = std::env::temp_dir().join(format!("volumed-bench-{id}"));
+    let dir = plan
+        .state_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("volumed-bench-{id}"));
     let emulated = emulated_root().join(format!("volumed-bench-{id}"));
     let (data, devices) = (emulated.join("data"), emulated.join("by-id"));
     std::fs::create_dir_all(&devices)?;

@@ -31,6 +31,11 @@ pub struct BenchArgs {
     pub engine: String,
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Where the daemon's own files go (export directory, nbd-server
+    /// configuration, pidfile): put it on the file system the appliance
+    /// keeps `VOLUMED_NBD_CONFIG` on. Default: the temporary directory.
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Skip the floor measurement.
     #[arg(long)]
     pub no_floor: bool,
@@ -54,6 +59,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         engine: a.engine.clone(),
         workers: a.workers,
         floor: !a.no_floor,
+        state_dir: a.state_dir.clone(),
     };
     let report = bench::run(&config, &plan).await?;
     if let Some(file) = &a.plot {
