@@ -931,10 +931,15 @@ async fn one_connection_lists_and_asks_about_every_export_of_a_batch() {
         dangling.as_str(),
         served.as_str(),
     ];
-    let survey = proto::survey("127.0.0.1", port, &names, Duration::from_secs(10)).await;
+    let survey = proto::survey("127.0.0.1", port, true, &names, Duration::from_secs(10)).await;
+    // Without the listing (a batch of withdrawals): the same answers.
+    let unlisted = proto::survey("127.0.0.1", port, false, &names, Duration::from_secs(10)).await;
     let _ = nbdkit.kill();
     let _ = nbdkit.wait();
     let survey = survey.expect("survey");
+    let unlisted = unlisted.expect("survey without the listing");
+    assert!(unlisted.listed.is_empty(), "{unlisted:?}");
+    assert_eq!(unlisted.answers, survey.answers);
     assert!(survey.listed.contains(&served), "{survey:?}");
     assert!(!survey.listed.contains(&absent), "{survey:?}");
     assert_eq!(survey.answers.len(), names.len(), "{survey:?}");

@@ -954,9 +954,13 @@ impl Prober {
                 Change::Withdraw(name) => name.as_str(),
             })
             .collect();
+        // Only an add needs the listing; a withdrawal is checked by the
+        // refusal alone.
+        let adds = changes.iter().any(|c| matches!(c, Change::Add(_)));
         let survey = proto::survey(
             &self.cfg.listen,
             self.cfg.port,
+            adds,
             &names,
             self.cfg.check_timeout,
         )

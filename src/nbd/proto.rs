@@ -355,20 +355,21 @@ pub struct Survey {
     pub answers: Vec<Open>,
 }
 
-/// Lists the server's exports, then asks about each of `names` with
-/// `NBD_OPT_INFO`, on one connection, and leaves. For a server that opens
-/// an export to answer `NBD_OPT_INFO` (nbdkit) this is a live check of the
-/// whole batch for the price of one connection. Bounded by `timeout` as a
-/// whole.
+/// Lists the server's exports (when `list` is set: an empty listing
+/// otherwise), then asks about each of `names` with `NBD_OPT_INFO`, on one
+/// connection, and leaves. For a server that opens an export to answer
+/// `NBD_OPT_INFO` (nbdkit) this is a live check of the whole batch for the
+/// price of one connection. Bounded by `timeout` as a whole.
 pub async fn survey(
     addr: &str,
     port: u16,
+    list: bool,
     names: &[&str],
     timeout: Duration,
 ) -> Result<Survey, NbdError> {
     let work = async {
         let mut s = Session::connect(addr, port).await?;
-        let listed = s.list().await?;
+        let listed = if list { s.list().await? } else { Vec::new() };
         let mut answers = Vec::with_capacity(names.len());
         for name in names {
             answers.push(s.ask_info(name).await?);
