@@ -900,31 +900,7 @@ async fn one_connection_lists_and_asks_about_every_export_of_a_batch() {
     std::fs::write(dir.path().join(&served), vec![0u8; 8192]).expect("served export");
     std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join(&dangling))
         .expect("dangling export");
-    let port = common::free_port();
-    let mut nbdkit = Command::new("nbdkit")
-        .args([
-            "--foreground",
-            "--exit-with-parent",
-            "-i",
-            "127.0.0.1",
-            "-p",
-        ])
-        .arg(port.to_string())
-        .arg("file")
-        .arg(format!("dir={}", dir.path().display()))
-        .spawn()
-        .expect("nbdkit starts");
-    let deadline = std::time::Instant::now() + WAIT;
-    while proto::list("127.0.0.1", port, Duration::from_secs(1))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nbdkit never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut nbdkit, port) = common::nbdkit_serving(dir.path()).await;
     let names = [
         served.as_str(),
         absent.as_str(),

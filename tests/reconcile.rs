@@ -449,31 +449,7 @@ async fn every_drift_kind_is_reported_and_only_the_safe_ones_repaired() {
     let other_dir = tempfile::tempdir().expect("tempdir");
     let stale = format!("vol-{}", Uuid::new_v4());
     std::fs::write(other_dir.path().join(&stale), vec![0u8; 4096]).expect("stale export");
-    let port = common::free_port();
-    let mut other = std::process::Command::new("nbdkit")
-        .args([
-            "--foreground",
-            "--exit-with-parent",
-            "-i",
-            "127.0.0.1",
-            "-p",
-        ])
-        .arg(port.to_string())
-        .arg("file")
-        .arg(format!("dir={}", other_dir.path().display()))
-        .spawn()
-        .expect("nbdkit starts");
-    let deadline = std::time::Instant::now() + WAIT;
-    while volumed::nbd::proto::list("127.0.0.1", port, Duration::from_secs(1))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nbdkit never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut other, port) = common::nbdkit_serving(other_dir.path()).await;
     let report = reconciler(&env, HOST, port)
         .run(true)
         .await

@@ -709,3 +709,33 @@ pub async fn scrape(port: u16) -> HashMap<String, f64> {
     }
     out
 }
+
+/// A standalone nbdkit serving the files of `dir` (its `file` plugin in
+/// directory mode) on a free loopback port, once it answers a listing.
+/// It dies with the test process (`--exit-with-parent`); kill it sooner
+/// with the returned child.
+pub async fn nbdkit_serving(dir: &Path) -> (Child, u16) {
+    let port = free_port();
+    let child = Command::new("nbdkit")
+        .args([
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(format!("dir={}", dir.display()))
+        .spawn()
+        .expect("nbdkit starts (run scripts/ensure-services.sh)");
+    let deadline = Instant::now() + WAIT;
+    while volumed::nbd::proto::list("127.0.0.1", port, Duration::from_secs(1))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nbdkit never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, port)
+}
