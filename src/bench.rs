@@ -737,9 +737,26 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     }
     receiver.abort();
     worker.abort();
-    let _ = ch.queue_delete(&inq, QueueDeleteOptions::default()).await;
-    let _ = ch.queue_delete(&outq, QueueDeleteOptions::default()).await;
     let _ = conn.close(200, "floor done").await;
+    // The queues go on a connection of their own: RabbitMQ 3.10 may close
+    // the consuming channel when its quorum queue is deleted under its
+    // consumer, and a delete sent on that channel would then be lost,
+    // leaving the output queue behind.
+    match crate::amqp::connect_with(&config.amqp_url, &config.amqp_tls, "volumed-bench-cleanup")
+        .await
+    {
+        Ok(c) => {
+            if let Ok(ch) = c.create_channel().await {
+                for q in [&outq, &inq] {
+                    if let Err(e) = ch.queue_delete(q, QueueDeleteOptions::default()).await {
+                        eprintln!("volumed bench: cannot delete queue {q}: {e}");
+                    }
+                }
+            }
+            let _ = c.close(200, "floor cleaned up").await;
+        }
+        Err(e) => eprintln!("volumed bench: cannot delete queues {inq} and {outq}: {e:#}"),
+    }
     sqlx::query("DROP TABLE IF EXISTS volumed_bench_floor")
         .execute(pool)
         .await?;

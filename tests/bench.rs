@@ -57,4 +57,8 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
         .await
         .expect("count");
     assert_eq!(left, 0);
+    // Nor any queue: the daemon's and the floor's are all deleted.
+    let queues = common::rabbitmqctl(&["list_queues", "-p", &env.vhost, "name", "-q"]);
+    let left: Vec<&str> = queues.lines().filter(|l| l.contains("bench")).collect();
+    assert!(left.is_empty(), "queues left behind: {left:?}");
 }
