@@ -41,12 +41,12 @@ pub struct Reloads {
     pub load: Box<dyn Fn() -> Result<Config> + Send>,
 }
 
-/// Runs the daemon until `shutdown` resolves or a part fails for good.
 /// How many grouped journal statements of each kind (starts, finishes) may
-/// run at once. Two: one is written while the next group forms, and more
-/// only split the groups (measured with `volumed bench`, docs/performance.md).
+/// run at once. Two: one is written while the next group forms; four
+/// measured no different with `volumed bench` (docs/performance.md).
 const JOURNAL_LANES: usize = 2;
 
+/// Runs the daemon until `shutdown` resolves or a part fails for good.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,

@@ -120,58 +120,41 @@ pub enum Start {
 
 /// Records that a worker starts (or restarts after a crash) a request, in
 /// one statement. A terminal row is left untouched, which is what makes a
-/// redelivered request a no-op.
+/// redelivered request a no-op. The group of one of [`start_operations`].
 pub async fn start_operation(
     pool: &PgPool,
     host: &str,
     req: &Request,
 ) -> Result<Start, sqlx::Error> {
-    let row = sqlx::query(
-        "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state, job_id, metadata)
-         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)
-         ON CONFLICT (request_id) DO UPDATE
-            SET attempts = operations.attempts + 1, updated_at = now()
-            WHERE operations.state = 'running' AND operations.op = EXCLUDED.op
-              AND operations.volume_id IS NOT DISTINCT FROM EXCLUDED.volume_id
-         RETURNING attempts, cloud_job_id",
-    )
-    .bind(req.request_id)
-    .bind(host)
-    .bind(req.op.as_str())
-    .bind(req.volume_id)
-    .bind(req.vm_id)
-    .bind(req.job_id.as_deref())
-    .bind(&req.metadata)
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some(r) => Ok(Start::Run {
-            attempts: r.try_get("attempts")?,
-            cloud_job: r.try_get("cloud_job_id")?,
-        }),
-        None => {
-            let (state, op, volume): (String, String, Option<Uuid>) =
-                sqlx::query_as("SELECT state, op, volume_id FROM operations WHERE request_id = $1")
-                    .bind(req.request_id)
-                    .fetch_one(pool)
-                    .await?;
-            if op != req.op.as_str() || volume != Some(req.volume_id) {
-                let volume = volume.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-                return Ok(Start::Conflict {
-                    existing: format!("{op} of volume {volume} ({state})"),
-                });
-            }
-            Ok(Start::Done { state })
-        }
+    let mut started = start_operations(pool, host, std::slice::from_ref(req)).await?;
+    started
+        .pop()
+        .ok_or_else(|| sqlx::Error::Protocol("no answer for a journal start".into()))
+}
+
+/// Why the journal did not start `req`: it already finished, or its id
+/// names another operation.
+async fn not_started(pool: &PgPool, req: &Request) -> Result<Start, sqlx::Error> {
+    let (state, op, volume): (String, String, Option<Uuid>) =
+        sqlx::query_as("SELECT state, op, volume_id FROM operations WHERE request_id = $1")
+            .bind(req.request_id)
+            .fetch_one(pool)
+            .await?;
+    if op != req.op.as_str() || volume != Some(req.volume_id) {
+        let volume = volume.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        return Ok(Start::Conflict {
+            existing: format!("{op} of volume {volume} ({state})"),
+        });
     }
+    Ok(Start::Done { state })
 }
 
 /// [`start_operation`] for several requests in one statement (on a pool
 /// whose commits need not wait for the disk, see [`connect_relaxed`]). The
 /// answers are in the order of `reqs`. A request the statement did not
-/// start (already terminal, or its id taken by another operation) is looked
-/// at on its own, which changes nothing more: the statement's update skips
-/// such rows, and so does the second look.
+/// start (already terminal, or its id taken by another operation) is then
+/// looked up, which changes nothing: the statement's update skips such
+/// rows.
 ///
 /// Two requests with the same id in one group make the statement fail
 /// (a row cannot be changed twice by it), as does any other error; it has
@@ -222,7 +205,7 @@ pub async fn start_operations(
     for req in reqs {
         match started.remove(&req.request_id) {
             Some(s) => out.push(s),
-            None => out.push(start_operation(pool, host, req).await?),
+            None => out.push(not_started(pool, req).await?),
         }
     }
     Ok(out)
@@ -390,34 +373,11 @@ pub struct Finish {
 ///
 /// It is one call of the database function `volumed_finish` (migration
 /// `finish_in_one_call`): one statement, so one transaction and one round
-/// trip, where the same statements sent one by one cost eight.
+/// trip, where the same statements sent one by one cost eight. The group of
+/// one of [`finish_operations`].
 pub async fn finish_operation(pool: &PgPool, f: &Finish) -> Result<bool, sqlx::Error> {
-    let a = FinishArgs::of(f);
-    // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
-    // until its log record is on disk, which would make concurrent
-    // finishes wait for each other's flushes rather than share one.
-    let query = sqlx::query(
-        "SELECT volumed_finish($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                ROW($10, $11, $12, $13, $14, $15, $16, $17, $18, $19)::volumed_change,
-                ROW($20, $21, $22, $23, $24, $25, $26, $27)::volumed_event)",
-    )
-    .bind(f.request_id)
-    .bind(&f.host)
-    .bind(a.op)
-    .bind(f.volume_id)
-    .bind(f.vm_id)
-    .bind(a.state)
-    .bind(a.code)
-    .bind(a.message)
-    .bind(a.retryable);
-    let finished: bool = bind_outgoing(a.change.bind_to(query), &f.outgoing)?
-        .fetch_one(pool)
-        .await?
-        .try_get(0)?;
-    if finished {
-        OUTBOX_BELL.notify_one();
-    }
-    Ok(finished)
+    let finished = finish_operations(pool, std::slice::from_ref(f)).await?;
+    Ok(finished.first().copied().unwrap_or(false))
 }
 
 /// [`finish_operation`] for several operations in one statement, so in one
@@ -436,6 +396,9 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     for f in fs {
         c.push(f)?;
     }
+    // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
+    // until its log record is on disk, which would make concurrent
+    // finishes wait for each other's flushes rather than share one.
     let rows = sqlx::query(
         "SELECT t.n, volumed_finish(t.request_id, t.host, t.op, t.volume_id, t.vm_id, t.state,
                     t.code, t.message, t.retryable,
@@ -503,45 +466,6 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     Ok(finished)
 }
 
-/// The arguments of `volumed_finish` that are computed from a [`Finish`].
-struct FinishArgs<'a> {
-    op: &'static str,
-    state: &'static str,
-    code: Option<&'static str>,
-    message: Option<&'a str>,
-    retryable: Option<bool>,
-    change: ChangeArgs<'a>,
-}
-
-impl<'a> FinishArgs<'a> {
-    fn of(f: &'a Finish) -> FinishArgs<'a> {
-        let (code, message) = match &f.error {
-            Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
-            None => (None, None),
-        };
-        FinishArgs {
-            op: f.op.map(Op::as_str).unwrap_or("unknown"),
-            state: if f.error.is_none() {
-                "succeeded"
-            } else {
-                "failed"
-            },
-            code,
-            message,
-            // The event's error says whether it may pass; an error without
-            // one falls back to its code's class.
-            retryable: f.error.as_ref().map(|(code, _)| {
-                f.outgoing
-                    .event
-                    .error
-                    .as_ref()
-                    .map_or(code.retryable(), |e| e.retryable)
-            }),
-            change: ChangeArgs::of(&f.change),
-        }
-    }
-}
-
 /// The arguments of several `volumed_finish` calls, one array per
 /// argument, in the order of the function's parameters and of the fields
 /// of `volumed_change` and `volumed_event`.
@@ -578,18 +502,28 @@ struct FinishColumns<'a> {
 
 impl<'a> FinishColumns<'a> {
     fn push(&mut self, f: &'a Finish) -> Result<(), sqlx::Error> {
-        let a = FinishArgs::of(f);
         let out = &f.outgoing;
         self.request_id.push(f.request_id);
         self.host.push(&f.host);
-        self.op.push(a.op);
+        self.op.push(f.op.map(Op::as_str).unwrap_or("unknown"));
         self.volume_id.push(f.volume_id);
         self.vm_id.push(f.vm_id);
-        self.state.push(a.state);
-        self.code.push(a.code);
-        self.message.push(a.message);
-        self.retryable.push(a.retryable);
-        let c = a.change;
+        self.state.push(if f.error.is_none() {
+            "succeeded"
+        } else {
+            "failed"
+        });
+        self.code.push(f.error.as_ref().map(|(c, _)| c.as_str()));
+        self.message.push(f.error.as_ref().map(|(_, m)| m.as_str()));
+        // The event's error says whether it may pass; an error without one
+        // falls back to its code's class.
+        self.retryable.push(f.error.as_ref().map(|(code, _)| {
+            out.event
+                .error
+                .as_ref()
+                .map_or(code.retryable(), |e| e.retryable)
+        }));
+        let c = ChangeArgs::of(&f.change);
         self.kind.push(c.kind);
         self.c_volume_id.push(c.volume_id);
         self.c_vm_id.push(c.vm_id);

@@ -170,15 +170,12 @@ impl Journal {
             Group::start(lanes, GROUP_MAX, move |reqs: Vec<Request>| {
                 let (pool, host) = (pool.clone(), host.clone());
                 async move {
-                    if reqs.len() > 1 {
-                        match db::start_operations(&pool, &host, &reqs).await {
-                            Ok(all) => return all.into_iter().map(Ok).collect(),
-                            Err(e) => warn!(count = reqs.len(), cause = %e,
-                                            "cannot start a group of operations; starting them one by one"),
-                        }
-                    }
-                    futures_util::future::join_all(
-                        reqs.iter().map(|r| db::start_operation(&pool, &host, r)),
+                    all_or_each(
+                        &reqs,
+                        "start",
+                        |r| r.request_id,
+                        db::start_operations(&pool, &host, &reqs),
+                        |r| db::start_operation(&pool, &host, r),
                     )
                     .await
                 }
@@ -189,19 +186,12 @@ impl Journal {
             Group::start(lanes, GROUP_MAX, move |fs: Vec<Finish>| {
                 let pool = pool.clone();
                 async move {
-                    if fs.len() > 1 {
-                        match db::finish_operations(&pool, &fs).await {
-                            Ok(all) => return all.into_iter().map(Ok).collect(),
-                            Err(e) => {
-                                let ids: Vec<String> =
-                                    fs.iter().map(|f| f.request_id.to_string()).collect();
-                                warn!(request.ids = ?ids, cause = %e,
-                                      "cannot finish a group of operations; finishing them one by one");
-                            }
-                        }
-                    }
-                    futures_util::future::join_all(
-                        fs.iter().map(|f| db::finish_operation(&pool, f)),
+                    all_or_each(
+                        &fs,
+                        "finish",
+                        |f| f.request_id,
+                        db::finish_operations(&pool, &fs),
+                        |f| db::finish_operation(&pool, f),
                     )
                     .await
                 }
@@ -229,6 +219,32 @@ impl Journal {
         match self.finishes.call(f.clone()).await {
             Some(r) => r,
             None => db::finish_operation(&self.pool, f).await,
+        }
+    }
+}
+
+/// The answers of a group: `all` (one statement for the whole group), or,
+/// when that fails for a group of several, `each` run for every call, so
+/// that each caller learns its own outcome.
+async fn all_or_each<'a, T, O, Each, EachFut>(
+    items: &'a [T],
+    kind: &str,
+    request_id: impl Fn(&T) -> Uuid,
+    all: impl std::future::Future<Output = Result<Vec<O>, sqlx::Error>>,
+    each: Each,
+) -> Vec<Result<O, sqlx::Error>>
+where
+    Each: Fn(&'a T) -> EachFut,
+    EachFut: std::future::Future<Output = Result<O, sqlx::Error>>,
+{
+    match all.await {
+        Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(e) if items.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            let ids: Vec<String> = items.iter().map(|t| request_id(t).to_string()).collect();
+            warn!(statement = kind, request.ids = ?ids, cause = %e,
+                  "a grouped journal statement failed; running its operations one by one");
+            futures_util::future::join_all(items.iter().map(each)).await
         }
     }
 }

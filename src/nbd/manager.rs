@@ -64,6 +64,16 @@ enum Change {
     Withdraw(ExportName),
 }
 
+impl Change {
+    /// The export the change is about.
+    fn name(&self) -> &str {
+        match self {
+            Change::Add(spec) => spec.name.as_str(),
+            Change::Withdraw(name) => name.as_str(),
+        }
+    }
+}
+
 /// Why the manager makes sure the server runs; it decides what is done for
 /// the recorded exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -855,6 +865,14 @@ impl Written {
     }
 }
 
+/// What the server answered to an open.
+type Opened = Result<Open, NbdError>;
+
+/// What a batch's check learned of one change: whether the batch's listing
+/// showed it, and the answer to its open (none for an add the listing
+/// missed).
+type Answer = (bool, Option<Opened>);
+
 /// The live checks. They only read: they connect to the server like any
 /// client, and own what they need, so a batch's checks hold no borrow of
 /// the manager.
@@ -890,73 +908,34 @@ impl Prober {
             .map(|(r, _)| &r.change)
             .collect();
         let adds = pending.iter().any(|c| matches!(c, Change::Add(_)));
-        if let Some(answers) = self.survey(&pending).await {
-            // nbdkit: the listing and every open of the batch were asked on
-            // one connection.
-            let mut answers = answers.into_iter();
-            let checks = batch.iter().zip(outcomes).map(|(r, o)| {
-                let answer = if o.is_none() { answers.next() } else { None };
-                async move {
-                    let (listed, open) = answer?;
-                    Some(self.judge(&r.change, listed, open).await)
-                }
-            });
-            return futures_util::future::join_all(checks).await;
-        }
-        let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
-            (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
-                .await
-                .map(|names| names.into_iter().collect())
-                .unwrap_or_default(),
-            _ => HashSet::new(),
+        let answers = match self.survey(&pending, adds).await {
+            Some(answers) => answers,
+            None => self.ask_each(&pending, adds).await,
         };
-        let listed = &listed;
-        let few = &self.few;
-        let checks = batch.iter().zip(outcomes).map(|(r, o)| async move {
-            if o.is_some() {
-                return None;
+        let mut answers = answers.into_iter();
+        let checks = batch.iter().zip(outcomes).map(|(r, o)| {
+            let answer = if o.is_none() { answers.next() } else { None };
+            async move {
+                let (listed, open) = answer?;
+                Some(self.judge(&r.change, listed, open).await)
             }
-            let _turn = few.acquire().await.ok();
-            Some(match &r.change {
-                Change::Add(spec) => {
-                    self.check_listed(spec.name.as_str(), listed)
-                        .await
-                        .map_err(|why| {
-                            ExportError::Failed(format!("export {} is not live: {why}", spec.name))
-                        })
-                }
-                Change::Withdraw(name) => self
-                    .check_refused(name.as_str())
-                    .await
-                    .map_err(ExportError::Failed),
-            })
         });
         futures_util::future::join_all(checks).await
     }
 
-    /// With nbdkit and no TLS: lists the exports and asks about every
-    /// change of the batch with `NBD_OPT_INFO` on one connection (nbdkit
-    /// opens an export to answer it), and returns for each change whether
-    /// the listing showed it and what the server answered. `None` when the
+    /// With nbdkit and no TLS: lists the exports (when the batch adds any)
+    /// and asks about every change with `NBD_OPT_INFO`, all on one
+    /// connection (nbdkit opens an export to answer it). `None` when the
     /// engine is nbd-server, TLS is required, or the connection failed:
-    /// then every change is checked on its own.
-    async fn survey(&self, changes: &[&Change]) -> Option<Vec<(bool, Open)>> {
+    /// then [`Prober::ask_each`] asks.
+    async fn survey(&self, changes: &[&Change], adds: bool) -> Option<Vec<Answer>> {
         if self.cfg.engine != NbdEngineKind::Nbdkit || self.cfg.tls_psk.is_some() {
             return None;
         }
         if changes.is_empty() {
             return Some(Vec::new());
         }
-        let names: Vec<&str> = changes
-            .iter()
-            .map(|c| match c {
-                Change::Add(spec) => spec.name.as_str(),
-                Change::Withdraw(name) => name.as_str(),
-            })
-            .collect();
-        // Only an add needs the listing; a withdrawal is checked by the
-        // refusal alone.
-        let adds = changes.iter().any(|c| matches!(c, Change::Add(_)));
+        let names: Vec<&str> = changes.iter().map(|c| c.name()).collect();
         let survey = proto::survey(
             &self.cfg.listen,
             self.cfg.port,
@@ -972,17 +951,48 @@ impl Prober {
             names
                 .iter()
                 .zip(survey.answers)
-                .map(|(n, open)| (listed.contains(n), open))
+                .map(|(n, open)| (listed.contains(n), Some(Ok(open))))
                 .collect(),
         )
     }
 
-    /// The outcome of one change from the batch's survey. An add that was
-    /// not both listed and opened gets the full check, with its retries.
-    async fn judge(&self, change: &Change, listed: bool, open: Open) -> Result<(), ExportError> {
+    /// One listing for the batch when it adds exports (none with TLS: the
+    /// built-in client gets no listing), then each change opened on a
+    /// connection of its own, a few at a time; an add the listing missed
+    /// is not opened (it gets the full check).
+    async fn ask_each(&self, changes: &[&Change], adds: bool) -> Vec<Answer> {
+        let listed: HashSet<String> = match (&self.cfg.tls_psk, adds) {
+            (None, true) => proto::list(&self.cfg.listen, self.cfg.port, self.cfg.check_timeout)
+                .await
+                .map(|names| names.into_iter().collect())
+                .unwrap_or_default(),
+            _ => HashSet::new(),
+        };
+        let listed = &listed;
+        let asks = changes.iter().map(|c| async move {
+            let shown = listed.contains(c.name());
+            if matches!(c, Change::Add(_)) && !shown {
+                return (false, None);
+            }
+            let _turn = self.few.acquire().await.ok();
+            (shown, Some(self.open(c.name()).await))
+        });
+        futures_util::future::join_all(asks).await
+    }
+
+    /// The outcome of one change from what the server answered. An add
+    /// must be listed and open; one that was not gets the full check, with
+    /// its retries. A withdrawn export must refuse the open; a server that
+    /// does not answer at all serves nothing.
+    async fn judge(
+        &self,
+        change: &Change,
+        listed: bool,
+        open: Option<Opened>,
+    ) -> Result<(), ExportError> {
         match change {
             Change::Add(spec) => {
-                if listed && matches!(open, Open::Served { .. }) {
+                if listed && matches!(open, Some(Ok(Open::Served { .. }))) {
                     return Ok(());
                 }
                 let _turn = self.few.acquire().await.ok();
@@ -991,9 +1001,15 @@ impl Prober {
                 })
             }
             Change::Withdraw(name) => match open {
-                Open::Refused { .. } => Ok(()),
-                Open::Served { .. } => Err(ExportError::Failed(format!(
+                Some(Ok(Open::Refused { .. })) | Some(Err(NbdError::Io(_))) => Ok(()),
+                Some(Ok(Open::Served { .. })) => Err(ExportError::Failed(format!(
                     "export {name} still accepts connections after withdrawal"
+                ))),
+                Some(Err(e)) => Err(ExportError::Failed(format!(
+                    "cannot confirm export {name} is withdrawn: {e}"
+                ))),
+                None => Err(ExportError::Failed(format!(
+                    "cannot confirm export {name} is withdrawn: it was not asked about"
                 ))),
             },
         }
@@ -1040,17 +1056,6 @@ impl Prober {
         }
     }
 
-    /// An export the batch's listing showed is served once it opens;
-    /// anything else gets the full check.
-    async fn check_listed(&self, name: &str, listed: &HashSet<String>) -> Result<(), String> {
-        if listed.contains(name) {
-            if let Ok(Open::Served { .. }) = self.open(name).await {
-                return Ok(());
-            }
-        }
-        self.check_served(name).await
-    }
-
     /// Opens `name` without listing (the refusal is what a withdrawal is
     /// checked for); through `nbdinfo` when TLS is required.
     async fn open(&self, name: &str) -> Result<Open, NbdError> {
@@ -1063,19 +1068,6 @@ impl Prober {
             // transmission would cost it a set of worker threads per check.
             NbdEngineKind::Nbdkit => proto::info(listen, port, name, timeout).await,
             NbdEngineKind::NbdServer => proto::open(listen, port, name, timeout).await,
-        }
-    }
-
-    /// A new connection to `name` is refused.
-    async fn check_refused(&self, name: &str) -> Result<(), String> {
-        match self.open(name).await {
-            Ok(Open::Refused { .. }) => Ok(()),
-            Ok(_) => Err(format!(
-                "export {name} still accepts connections after withdrawal"
-            )),
-            // A server that does not answer serves nothing.
-            Err(NbdError::Io(_)) => Ok(()),
-            Err(e) => Err(format!("cannot confirm export {name} is withdrawn: {e}")),
         }
     }
 
