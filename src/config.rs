@@ -235,6 +235,14 @@ pub struct Config {
     pub stuck_after: Duration,
 }
 
+/// Operations run at once unless `VOLUMED_WORKERS` says otherwise. A
+/// migration wave spans tens of VMs, and a request waiting for its VM's
+/// turn (cloud changes of one VM run one at a time) holds its slot, so the
+/// slots must cover the VMs of a wave. A slot is a task, not a thread or a
+/// connection, and the cloud still runs one change per VM at a time
+/// whatever the number of slots.
+pub const DEFAULT_WORKERS: usize = 32;
+
 /// The default retry steps: with the default 5 attempts, each of the 4
 /// retries has its own step.
 pub const DEFAULT_RETRY_DELAYS: &str = "1s,5s,30s,2m";
@@ -493,7 +501,7 @@ impl Config {
                 format!("VOLUMED_APPLIANCE_VM_ID={v:?} is not a hyphenated UUID")
             })?),
         };
-        let workers = n("VOLUMED_WORKERS", file.workers)?.unwrap_or(4);
+        let workers = n("VOLUMED_WORKERS", file.workers)?.unwrap_or(DEFAULT_WORKERS as u64);
         if !(1..=256).contains(&workers) {
             bail!("VOLUMED_WORKERS={workers} is out of range: 1 to 256");
         }
@@ -1055,9 +1063,9 @@ mod tests {
     fn defaults_are_sensible() {
         let c = load(&[]).expect("defaults load");
         assert_eq!(c.backend, BackendKind::Local);
-        assert_eq!(c.workers, 4);
+        assert_eq!(c.workers, 32, "enough slots for the VMs of a wave");
         assert_eq!(c.device_dir, PathBuf::from("/dev/disk/by-id"));
-        assert_eq!(c.prefetch(), 8);
+        assert_eq!(c.prefetch(), 64);
         assert_eq!(c.nbd.engine, NbdEngineKind::Nbdkit);
         assert_eq!(c.nbd.listen, "127.0.0.1");
         assert!(c.nbd.manage, "volumed runs its own NBD server by default");

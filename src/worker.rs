@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::PgPool;
-use tracing::{error, info, instrument, warn, Span};
+use tracing::{debug, error, info, instrument, warn, Span};
 use uuid::Uuid;
 
 use crate::backend::{Backend, BackendError, Started, VolumeState};
@@ -278,8 +278,16 @@ impl Steps {
                     latest.insert(id, step);
                 }
                 let (ids, steps): (Vec<Uuid>, Vec<&str>) = latest.into_iter().unzip();
-                if let Err(e) = db::record_steps(&pool, &ids, &steps).await {
-                    warn!(count = ids.len(), cause = %e, "cannot record the steps reached");
+                match db::record_steps(&pool, &ids, &steps).await {
+                    Ok(()) => {}
+                    // The daemon is stopping: its operations are finished
+                    // or come back, so these steps tell nobody anything.
+                    Err(sqlx::Error::PoolClosed) => {
+                        debug!(count = ids.len(), "steps left unrecorded at shutdown")
+                    }
+                    Err(e) => {
+                        warn!(count = ids.len(), cause = %e, "cannot record the steps reached")
+                    }
                 }
             }
         });

@@ -47,7 +47,31 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
         report["daemon"]["p99_ms"].as_f64().expect("p99")
             >= report["daemon"]["p50_ms"].as_f64().expect("p50")
     );
+    let first = report["daemon"]["first_ms"].as_f64().expect("first event");
+    assert!(
+        first > 0.0 && first <= report["daemon"]["max_ms"].as_f64().expect("max"),
+        "the first event comes after the first publish and no later than the last: {first}"
+    );
     assert!(report["daemon_peak_rss_mib"].as_f64().expect("rss") > 1.0);
+    // Every run starts from vacuumed tables, whatever autovacuum does.
+    let vacuumed: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_stat_user_tables WHERE last_vacuum IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("vacuum times");
+    for table in [
+        "nbd_exports",
+        "operation_errors",
+        "operations",
+        "outbox",
+        "volume_attachments",
+    ] {
+        assert!(
+            vacuumed.iter().any(|t| t == table),
+            "{table} was not vacuumed before the run: {vacuumed:?}"
+        );
+    }
     assert_eq!(report["nbd_reloads"], 0, "nbdkit needs no reload");
     let png = std::fs::read(&plot).expect("plot written");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -29,7 +29,8 @@ pub struct BenchArgs {
     /// `nbdkit` or `nbd-server`.
     #[arg(long, default_value = "nbdkit")]
     pub engine: String,
-    #[arg(long, default_value_t = 8)]
+    /// The daemon's `VOLUMED_WORKERS`; the floor runs as many at once.
+    #[arg(long, default_value_t = crate::config::DEFAULT_WORKERS)]
     pub workers: usize,
     /// Where the daemon's own files go (export directory, nbd-server
     /// configuration, pidfile): put it on the file system the appliance
