@@ -1733,3 +1733,222 @@ async fn the_relay_keeps_refused_events_pending_and_marks_unroutable_ones() {
     let _ = conn.close(200, "done").await;
     client.close().await;
 }
+
+/// A TCP proxy to the broker that, once a connection has sent its first
+/// `basic.publish`, holds back everything the broker says on that
+/// connection until it has sent `publishes` of them. Returns its port.
+async fn proxy_holding_replies(publishes: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("proxy listens");
+    let port = listener.local_addr().expect("proxy address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let broker = tokio::net::TcpStream::connect("127.0.0.1:5672")
+                .await
+                .expect("proxy reaches the broker");
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_broker, mut to_broker) = broker.into_split();
+            let (count, mut counted) = tokio::sync::watch::channel(0usize);
+            // Client to broker: passed on as it comes, with the publishes
+            // counted (frames after the 8-byte protocol header: type,
+            // channel, size, payload, end; a method frame's payload starts
+            // with its class and method, 60 and 40 for basic.publish).
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending: Vec<u8> = Vec::new();
+                let mut header = 8usize;
+                loop {
+                    let n = match from_client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if to_broker.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    let skip = header.min(pending.len());
+                    pending.drain(..skip);
+                    header -= skip;
+                    while pending.len() >= 7 {
+                        let size =
+                            u32::from_be_bytes([pending[3], pending[4], pending[5], pending[6]])
+                                as usize;
+                        if pending.len() < 8 + size {
+                            break;
+                        }
+                        if pending[0] == 1 && size >= 4 && pending[7..11] == [0, 60, 0, 40] {
+                            count.send_modify(|c| *c += 1);
+                        }
+                        pending.drain(..8 + size);
+                    }
+                }
+            });
+            // Broker to client: held while some but not all publishes
+            // have been sent.
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_broker.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let sent = *counted.borrow();
+                    if sent > 0
+                        && sent < publishes
+                        && counted.wait_for(|c| *c >= publishes).await.is_err()
+                    {
+                        return;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Outbox publishing does not cost a round trip per event: the relay sends
+/// every event of a batch before it waits for a confirmation. Through a
+/// proxy that lets no broker reply through until all of a batch's events
+/// have been sent, a relay that waited for each event's confirmation before
+/// sending the next would never see one, and the batch would never end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_sends_a_whole_batch_before_it_awaits_a_confirmation() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::ExchangeKind;
+    const EVENTS: usize = 20;
+    let env = Env::new("relay_pipelined").await;
+    let host = "oma-pipe";
+
+    // The events exchange and a queue that takes every event.
+    let direct = volumed::amqp::connect(&env.amqp_url, "test")
+        .await
+        .expect("connect");
+    let ch = direct.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        topology::EVENTS_EXCHANGE,
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    ch.queue_declare("all", QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("queue");
+    ch.queue_bind(
+        "all",
+        topology::EVENTS_EXCHANGE,
+        "#",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+
+    // A batch of pending events, in the order they were committed.
+    let mut ids = Vec::new();
+    for _ in 0..EVENTS {
+        let event_id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO outbox (event_id, request_id, host, routing_key, body)
+             VALUES ($1, $2, $3, 'volume.attach.succeeded', '{}'::jsonb)",
+        )
+        .bind(event_id)
+        .bind(Uuid::new_v4())
+        .bind(host)
+        .execute(&env.pool)
+        .await
+        .expect("insert event");
+        ids.push(event_id.to_string());
+    }
+
+    let port = proxy_holding_replies(EVENTS).await;
+    let through = volumed::config::SecretUrl::new(
+        env.amqp_url
+            .expose()
+            .replace("127.0.0.1:5672", &format!("127.0.0.1:{port}")),
+    );
+    let conn = volumed::amqp::connect(&through, "relay-test")
+        .await
+        .expect("connect through the proxy");
+    let relay_ch = conn.create_channel().await.expect("channel");
+    relay_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let config = volumed::config::Config::load_with(None, &|k| match k {
+        "VOLUMED_HOST_ID" => Some(host.to_string()),
+        "VOLUMED_AMQP_URL" => Some(through.expose().to_string()),
+        "VOLUMED_DATABASE_URL" => Some(env.db_url.expose().to_string()),
+        _ => None,
+    })
+    .expect("config");
+    let relaxed = volumed::db::connect_relaxed(&env.db_url, 2)
+        .await
+        .expect("relaxed pool");
+    let relay = volumed::relay::Relay {
+        config: std::sync::Arc::new(config),
+        pool: env.pool.clone(),
+        relaxed: relaxed.clone(),
+    };
+    let published = tokio::time::timeout(Duration::from_secs(20), relay.publish_pending(&relay_ch))
+        .await
+        .expect(
+            "no confirmation came back: the relay waited for one before sending the whole batch",
+        )
+        .expect("publish");
+    assert_eq!(published, EVENTS);
+    let unsent: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE host = $1 AND sent_at IS NULL")
+            .bind(host)
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(unsent, 0, "every event of the batch is marked sent");
+
+    // All delivered, in the order they were committed.
+    let mut consumer = ch
+        .basic_consume(
+            "all",
+            "check",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen = Vec::new();
+    while seen.len() < EVENTS {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("every event arrives")
+            .expect("delivery")
+            .expect("delivery ok");
+        seen.push(
+            d.properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(seen, ids);
+    relaxed.close().await;
+    let _ = conn.close(200, "done").await;
+    let _ = direct.close(200, "done").await;
+}
