@@ -1818,45 +1818,17 @@ async fn proxy_holding_replies(publishes: usize) -> u16 {
 /// sending the next would never see one, and the batch would never end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_sends_a_whole_batch_before_it_awaits_a_confirmation() {
-    use futures_util::StreamExt;
-    use lapin::options::{
-        BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    };
-    use lapin::types::FieldTable;
-    use lapin::ExchangeKind;
+    use lapin::options::ConfirmSelectOptions;
     const EVENTS: usize = 20;
     let env = Env::new("relay_pipelined").await;
     let host = "oma-pipe";
-
-    // The events exchange and a queue that takes every event.
-    let direct = volumed::amqp::connect(&env.amqp_url, "test")
-        .await
-        .expect("connect");
-    let ch = direct.create_channel().await.expect("channel");
-    ch.exchange_declare(
-        topology::EVENTS_EXCHANGE,
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
-    ch.queue_declare("all", QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("queue");
-    ch.queue_bind(
+    env.durable_queue(
         "all",
         topology::EVENTS_EXCHANGE,
-        "#",
-        QueueBindOptions::default(),
-        FieldTable::default(),
+        lapin::ExchangeKind::Topic,
+        &["#"],
     )
-    .await
-    .expect("bind");
+    .await;
 
     // A batch of pending events, in the order they were committed.
     let mut ids = Vec::new();
@@ -1920,35 +1892,20 @@ async fn the_relay_sends_a_whole_batch_before_it_awaits_a_confirmation() {
     assert_eq!(unsent, 0, "every event of the batch is marked sent");
 
     // All delivered, in the order they were committed.
-    let mut consumer = ch
-        .basic_consume(
-            "all",
-            "check",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let seen: Vec<String> = env
+        .drain_queue("all")
         .await
-        .expect("consume");
-    let mut seen = Vec::new();
-    while seen.len() < EVENTS {
-        let d = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("every event arrives")
-            .expect("delivery")
-            .expect("delivery ok");
-        seen.push(
-            d.properties
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
                 .message_id()
                 .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default(),
-        );
-    }
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
     assert_eq!(seen, ids);
     relaxed.close().await;
     let _ = conn.close(200, "done").await;
-    let _ = direct.close(200, "done").await;
 }
