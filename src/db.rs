@@ -371,10 +371,9 @@ pub struct Finish {
 /// relay. Returns false (and writes nothing) when the request was already
 /// terminal: its event already exists.
 ///
-/// It is one call of the database function `volumed_finish` (migration
-/// `finish_in_one_call`): one statement, so one transaction and one round
-/// trip, where the same statements sent one by one cost eight. The group of
-/// one of [`finish_operations`].
+/// The group of one of [`finish_operations`]: one statement, so one
+/// transaction and one round trip, where the same statements sent one by
+/// one cost eight.
 pub async fn finish_operation(pool: &PgPool, f: &Finish) -> Result<bool, sqlx::Error> {
     let finished = finish_operations(pool, std::slice::from_ref(f)).await?;
     Ok(finished.first().copied().unwrap_or(false))
@@ -382,7 +381,9 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish) -> Result<bool, sqlx::E
 
 /// [`finish_operation`] for several operations in one statement, so in one
 /// transaction with one commit: all of them are written, or none. The
-/// answers are in the order of `fs`.
+/// answers are in the order of `fs`. The statement calls the database
+/// function `volumed_finish_group` (migration `finish_groups_set_based`),
+/// which writes each table once for the whole group.
 ///
 /// The operations of one group must not touch the same rows (the workers'
 /// lanes run one operation per volume at a time, so they do not); a
@@ -400,24 +401,26 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     // until its log record is on disk, which would make concurrent
     // finishes wait for each other's flushes rather than share one.
     let rows = sqlx::query(
-        "SELECT t.n, volumed_finish(t.request_id, t.host, t.op, t.volume_id, t.vm_id, t.state,
-                    t.code, t.message, t.retryable,
-                    ROW(t.kind, t.c_volume_id, t.c_vm_id, t.device_path, t.stable_path,
-                        t.export, t.export_name, t.engine, t.port, t.metadata)::volumed_change,
-                    ROW(t.event_id, t.e_request_id, t.e_host, t.routing_key, t.body,
-                        t.correlation_id, t.reply_to, t.traceparent)::volumed_event)
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
-                       $7::text[], $8::text[], $9::bool[],
-                       $10::text[], $11::uuid[], $12::uuid[], $13::text[], $14::text[],
-                       $15::text[], $16::text[], $17::text[], $18::int4[], $19::jsonb[],
-                       $20::uuid[], $21::uuid[], $22::text[], $23::text[], $24::jsonb[],
-                       $25::text[], $26::text[], $27::text[])
-                WITH ORDINALITY
-                AS t(request_id, host, op, volume_id, vm_id, state, code, message, retryable,
-                     kind, c_volume_id, c_vm_id, device_path, stable_path, export,
-                     export_name, engine, port, metadata,
-                     event_id, e_request_id, e_host, routing_key, body, correlation_id,
-                     reply_to, traceparent, n)",
+        "SELECT n FROM volumed_finish_group(
+                $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                $7::text[], $8::text[], $9::bool[],
+                ARRAY(SELECT ROW(kind, volume_id, vm_id, device_path, stable_path, export,
+                                 export_name, engine, port, metadata)::volumed_change
+                        FROM unnest($10::text[], $11::uuid[], $12::uuid[], $13::text[],
+                                    $14::text[], $15::text[], $16::text[], $17::text[],
+                                    $18::int4[], $19::jsonb[])
+                             WITH ORDINALITY
+                             AS c(kind, volume_id, vm_id, device_path, stable_path, export,
+                                  export_name, engine, port, metadata, i)
+                       ORDER BY i),
+                ARRAY(SELECT ROW(event_id, request_id, host, routing_key, body,
+                                 correlation_id, reply_to, traceparent)::volumed_event
+                        FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::text[],
+                                    $24::jsonb[], $25::text[], $26::text[], $27::text[])
+                             WITH ORDINALITY
+                             AS e(event_id, request_id, host, routing_key, body,
+                                  correlation_id, reply_to, traceparent, i)
+                       ORDER BY i)) AS n",
     )
     .bind(&c.request_id)
     .bind(&c.host)
@@ -450,14 +453,13 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     .await?;
     let mut finished = vec![false; fs.len()];
     for r in rows {
-        let n: i64 = r.try_get(0)?;
-        let ok: bool = r.try_get(1)?;
-        // WITH ORDINALITY counts from 1.
+        let n: i32 = r.try_get(0)?;
+        // Positions count from 1.
         if let Some(slot) = usize::try_from(n - 1)
             .ok()
             .and_then(|i| finished.get_mut(i))
         {
-            *slot = ok;
+            *slot = true;
         }
     }
     if finished.iter().any(|f| *f) {
@@ -466,9 +468,10 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     Ok(finished)
 }
 
-/// The arguments of several `volumed_finish` calls, one array per
-/// argument, in the order of the function's parameters and of the fields
-/// of `volumed_change` and `volumed_event`.
+/// The arguments of a `volumed_finish_group` call: one array per
+/// parameter, each with an element per operation, in the order of the
+/// function's parameters and of the fields of `volumed_change` and
+/// `volumed_event`.
 #[derive(Default)]
 struct FinishColumns<'a> {
     request_id: Vec<Uuid>,

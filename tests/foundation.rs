@@ -1909,3 +1909,125 @@ async fn the_relay_sends_a_whole_batch_before_it_awaits_a_confirmation() {
     relaxed.close().await;
     let _ = conn.close(200, "done").await;
 }
+
+/// A grouped finish makes every kind of attachment change, as one
+/// transaction: an attach whose device path was recorded for another
+/// volume (the kernel recycled the name) takes it over, a detach removes
+/// the attachment and its export, a withdrawal removes the export only, and
+/// an attach whose export was undone keeps the attachment without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_finishes_makes_every_kind_of_attachment_change() {
+    use volumed::contract::Op;
+    use volumed::db::{self, AttachmentChange, ExportChange, NewExport};
+    let env = Env::new("group_changes").await;
+    let vm = Uuid::new_v4();
+    let dev = |v: Uuid| format!("/dev/disk/by-id/virtio-{}", &v.simple().to_string()[..20]);
+    let exported = |v: Uuid, path: &str| AttachmentChange::Upsert {
+        volume_id: v,
+        vm_id: vm,
+        device_path: Some(path.to_string()),
+        stable_path: Some(dev(v)),
+        export: ExportChange::Set(NewExport {
+            name: format!("vol-{v}"),
+            engine: "nbdkit",
+            port: 10809,
+            metadata: json!({}),
+        }),
+    };
+    let finish_with = |req: &volumed::contract::Request, change: AttachmentChange| {
+        let mut f = journal_finish(req, None);
+        f.change = change;
+        f
+    };
+    // Four volumes attached and exported, one at a time.
+    let (b, c, d, e) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    for (v, path) in [
+        (b, "/dev/vdb"),
+        (c, "/dev/vdc"),
+        (d, "/dev/vdd"),
+        (e, "/dev/vde"),
+    ] {
+        let req = journal_request(Op::Attach, v);
+        db::start_operations(&env.pool, HOST, std::slice::from_ref(&req))
+            .await
+            .expect("start");
+        assert!(
+            db::finish_operation(&env.pool, &finish_with(&req, exported(v, path)))
+                .await
+                .expect("finish")
+        );
+    }
+
+    // One group: a new volume on /dev/vdb (recorded for b), c detached, d's
+    // export withdrawn, e's export undone.
+    let a = Uuid::new_v4();
+    let reqs = [
+        journal_request(Op::Attach, a),
+        journal_request(Op::Detach, c),
+        journal_request(Op::Detach, d),
+        journal_request(Op::Attach, e),
+    ];
+    db::start_operations(&env.pool, HOST, &reqs)
+        .await
+        .expect("grouped start");
+    let changes = [
+        exported(a, "/dev/vdb"),
+        AttachmentChange::Remove { volume_id: c },
+        AttachmentChange::RemoveExport { volume_id: d },
+        AttachmentChange::Upsert {
+            volume_id: e,
+            vm_id: vm,
+            device_path: Some("/dev/vde".into()),
+            stable_path: Some(dev(e)),
+            export: ExportChange::Remove,
+        },
+    ];
+    let finishes: Vec<_> = reqs
+        .iter()
+        .zip(changes)
+        .map(|(r, ch)| finish_with(r, ch))
+        .collect();
+    let answers = db::finish_operations(&env.pool, &finishes)
+        .await
+        .expect("grouped finish");
+    assert_eq!(answers, vec![true; 4]);
+
+    let attachments: HashMap<Uuid, Option<String>> =
+        sqlx::query_as("SELECT volume_id, device_path FROM volume_attachments")
+            .fetch_all(&env.pool)
+            .await
+            .expect("attachments")
+            .into_iter()
+            .collect();
+    assert_eq!(attachments.get(&a), Some(&Some("/dev/vdb".to_string())));
+    assert_eq!(
+        attachments.get(&b),
+        Some(&None),
+        "the recycled device name is no longer b's"
+    );
+    assert!(!attachments.contains_key(&c), "c is detached");
+    assert_eq!(attachments.get(&d), Some(&Some("/dev/vdd".to_string())));
+    assert_eq!(attachments.get(&e), Some(&Some("/dev/vde".to_string())));
+    let mut exports: Vec<Uuid> = sqlx::query_scalar("SELECT volume_id FROM nbd_exports")
+        .fetch_all(&env.pool)
+        .await
+        .expect("exports");
+    exports.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(exports, want, "only a and b are exported");
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.request_id).collect();
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM outbox WHERE request_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&env.pool)
+    .await
+    .expect("xmin");
+    assert_eq!(transactions, 1, "the group is one transaction");
+}
