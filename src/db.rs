@@ -379,18 +379,12 @@ pub async fn finish_operation(pool: &PgPool, f: &Finish) -> Result<bool, sqlx::E
     Ok(finished.first().copied().unwrap_or(false))
 }
 
-/// From this many operations on, a group is finished by
-/// `volumed_finish_group`, which writes each table once for the whole
-/// group; smaller ones by `volumed_finish` per operation, whose statements
-/// are simpler. Measured on an idle server: one operation 0.43 ms against
-/// 0.68, two 0.70 against 0.77, four 1.1 against 0.97, thirty 5.2 against
-/// 3.2.
-const SET_BASED_FROM: usize = 3;
-
 /// [`finish_operation`] for several operations in one statement, so in one
 /// transaction with one commit: all of them are written, or none. The
-/// answers are in the order of `fs`. See [`SET_BASED_FROM`] for the two
-/// database functions the statement calls.
+/// answers are in the order of `fs`. The statement calls the database
+/// function `volumed_finish_group` (migration `finish_groups_set_based`),
+/// which writes each table once for the whole group, or hands a group of
+/// one or two to `volumed_finish`, whose statements cost less for so few.
 ///
 /// The operations of one group must not touch the same rows (the workers'
 /// lanes run one operation per volume at a time, so they do not); a
@@ -407,71 +401,40 @@ pub async fn finish_operations(pool: &PgPool, fs: &[Finish]) -> Result<Vec<bool>
     // No NOTIFY here: PostgreSQL holds a lock over every notifying commit
     // until its log record is on disk, which would make concurrent
     // finishes wait for each other's flushes rather than share one.
+    let rows = c
+        .bind(sqlx::query(
+            "SELECT n FROM volumed_finish_group(
+                $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                $7::text[], $8::text[], $9::bool[],
+                ARRAY(SELECT ROW(kind, volume_id, vm_id, device_path, stable_path, export,
+                                 export_name, engine, port, metadata)::volumed_change
+                        FROM unnest($10::text[], $11::uuid[], $12::uuid[], $13::text[],
+                                    $14::text[], $15::text[], $16::text[], $17::text[],
+                                    $18::int4[], $19::jsonb[])
+                             WITH ORDINALITY
+                             AS c(kind, volume_id, vm_id, device_path, stable_path, export,
+                                  export_name, engine, port, metadata, i)
+                       ORDER BY i),
+                ARRAY(SELECT ROW(event_id, request_id, host, routing_key, body,
+                                 correlation_id, reply_to, traceparent)::volumed_event
+                        FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::text[],
+                                    $24::jsonb[], $25::text[], $26::text[], $27::text[])
+                             WITH ORDINALITY
+                             AS e(event_id, request_id, host, routing_key, body,
+                                  correlation_id, reply_to, traceparent, i)
+                       ORDER BY i)) AS n",
+        ))
+        .fetch_all(pool)
+        .await?;
     let mut finished = vec![false; fs.len()];
-    // Positions count from 1.
-    let mut mark = |n: i64, ok: bool| {
+    for r in rows {
+        // Positions count from 1.
+        let n: i32 = r.try_get(0)?;
         if let Some(slot) = usize::try_from(n - 1)
             .ok()
             .and_then(|i| finished.get_mut(i))
         {
-            *slot = ok;
-        }
-    };
-    if fs.len() >= SET_BASED_FROM {
-        let rows = c
-            .bind(sqlx::query(
-                "SELECT n FROM volumed_finish_group(
-                    $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
-                    $7::text[], $8::text[], $9::bool[],
-                    ARRAY(SELECT ROW(kind, volume_id, vm_id, device_path, stable_path, export,
-                                     export_name, engine, port, metadata)::volumed_change
-                            FROM unnest($10::text[], $11::uuid[], $12::uuid[], $13::text[],
-                                        $14::text[], $15::text[], $16::text[], $17::text[],
-                                        $18::int4[], $19::jsonb[])
-                                 WITH ORDINALITY
-                                 AS c(kind, volume_id, vm_id, device_path, stable_path, export,
-                                      export_name, engine, port, metadata, i)
-                           ORDER BY i),
-                    ARRAY(SELECT ROW(event_id, request_id, host, routing_key, body,
-                                     correlation_id, reply_to, traceparent)::volumed_event
-                            FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::text[],
-                                        $24::jsonb[], $25::text[], $26::text[], $27::text[])
-                                 WITH ORDINALITY
-                                 AS e(event_id, request_id, host, routing_key, body,
-                                      correlation_id, reply_to, traceparent, i)
-                           ORDER BY i)) AS n",
-            ))
-            .fetch_all(pool)
-            .await?;
-        for r in rows {
-            mark(i64::from(r.try_get::<i32, _>(0)?), true);
-        }
-    } else {
-        let rows = c
-            .bind(sqlx::query(
-                "SELECT t.n, volumed_finish(t.request_id, t.host, t.op, t.volume_id, t.vm_id,
-                        t.state, t.code, t.message, t.retryable,
-                        ROW(t.kind, t.c_volume_id, t.c_vm_id, t.device_path, t.stable_path,
-                            t.export, t.export_name, t.engine, t.port, t.metadata)::volumed_change,
-                        ROW(t.event_id, t.e_request_id, t.e_host, t.routing_key, t.body,
-                            t.correlation_id, t.reply_to, t.traceparent)::volumed_event)
-                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[],
-                               $6::text[], $7::text[], $8::text[], $9::bool[],
-                               $10::text[], $11::uuid[], $12::uuid[], $13::text[], $14::text[],
-                               $15::text[], $16::text[], $17::text[], $18::int4[], $19::jsonb[],
-                               $20::uuid[], $21::uuid[], $22::text[], $23::text[], $24::jsonb[],
-                               $25::text[], $26::text[], $27::text[])
-                        WITH ORDINALITY
-                        AS t(request_id, host, op, volume_id, vm_id, state, code, message,
-                             retryable, kind, c_volume_id, c_vm_id, device_path, stable_path,
-                             export, export_name, engine, port, metadata, event_id,
-                             e_request_id, e_host, routing_key, body, correlation_id,
-                             reply_to, traceparent, n)",
-            ))
-            .fetch_all(pool)
-            .await?;
-        for r in rows {
-            mark(r.try_get(0)?, r.try_get(1)?);
+            *slot = true;
         }
     }
     if finished.iter().any(|f| *f) {
