@@ -236,12 +236,14 @@ pub struct Config {
 }
 
 /// Operations run at once unless `VOLUMED_WORKERS` says otherwise. A
-/// migration wave spans tens of VMs, and a request waiting for its VM's
-/// turn (cloud changes of one VM run one at a time) holds its slot, so the
-/// slots must cover the VMs of a wave. A slot is a task, not a thread or a
+/// migration wave spans tens of VMs and hundreds of volumes, and a request
+/// waiting for its VM's turn (cloud changes of one VM run one at a time)
+/// holds its slot, so the slots must cover the VMs of a wave; the more
+/// operations run at once, the more of them share each grouped journal
+/// statement and export batch. A slot is a task, not a thread or a
 /// connection, and the cloud still runs one change per VM at a time
 /// whatever the number of slots.
-pub const DEFAULT_WORKERS: usize = 32;
+pub const DEFAULT_WORKERS: usize = 128;
 
 /// The default retry steps: with the default 5 attempts, each of the 4
 /// retries has its own step.
@@ -1063,9 +1065,12 @@ mod tests {
     fn defaults_are_sensible() {
         let c = load(&[]).expect("defaults load");
         assert_eq!(c.backend, BackendKind::Local);
-        assert_eq!(c.workers, 32, "enough slots for the VMs of a wave");
+        assert_eq!(
+            c.workers, 128,
+            "enough slots for the VMs and volumes of a wave"
+        );
         assert_eq!(c.device_dir, PathBuf::from("/dev/disk/by-id"));
-        assert_eq!(c.prefetch(), 64);
+        assert_eq!(c.prefetch(), 256);
         assert_eq!(c.nbd.engine, NbdEngineKind::Nbdkit);
         assert_eq!(c.nbd.listen, "127.0.0.1");
         assert!(c.nbd.manage, "volumed runs its own NBD server by default");

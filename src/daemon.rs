@@ -46,6 +46,13 @@ pub struct Reloads {
 /// measured no different with `volumed bench` (docs/performance.md).
 const JOURNAL_LANES: usize = 2;
 
+/// The main pool's connections: `VOLUMED_WORKERS + 4`, at most this many.
+/// A worker takes a connection only for a retry's record or a cloud job's
+/// id, and its finish goes through the grouped statements, so a pool the
+/// size of the slots would hold connections PostgreSQL's default limit of
+/// 100 cannot spare (two daemons, a reconciler and psql).
+const MAX_MAIN_CONNECTIONS: u32 = 36;
+
 /// Runs the daemon until `shutdown` resolves or a part fails for good.
 pub async fn run(
     config: Config,
@@ -57,7 +64,7 @@ pub async fn run(
     let backend: Arc<dyn Backend> = crate::backend::build(&config, appliance_vm)?;
 
     // Workers, the relay and its listener each hold a connection at times.
-    let pool = db::connect(&config.database_url, config.workers as u32 + 4).await?;
+    let pool = db::connect(&config.database_url, main_connections(config.workers)).await?;
     // Journal starts, steps and the relay's marks: short statements that
     // need not wait for the disk (see `db::connect_relaxed`), on a few
     // connections of their own: one per lane of grouped starts, one for the
@@ -364,4 +371,29 @@ fn apply_reload(old: &Config, new: &Config, schedule: &watch::Sender<Schedule>) 
               "changed settings need a restart to take effect; they were not applied");
     }
     info!(applied = ?applied, "configuration reloaded");
+}
+
+/// See [`MAX_MAIN_CONNECTIONS`].
+fn main_connections(workers: usize) -> u32 {
+    u32::try_from(workers)
+        .unwrap_or(u32::MAX)
+        .saturating_add(4)
+        .min(MAX_MAIN_CONNECTIONS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_main_pool_follows_the_workers_up_to_its_cap() {
+        assert_eq!(main_connections(1), 5);
+        assert_eq!(main_connections(32), MAX_MAIN_CONNECTIONS);
+        assert_eq!(
+            main_connections(crate::config::DEFAULT_WORKERS),
+            MAX_MAIN_CONNECTIONS,
+            "the default slots must not ask PostgreSQL for one connection each"
+        );
+        assert_eq!(main_connections(256), MAX_MAIN_CONNECTIONS);
+    }
 }

@@ -593,6 +593,7 @@ impl Manager {
     /// sync and at most one restart or reload for all of them. `None` when
     /// nothing could be written (every requester has its answer already).
     async fn write_batch(&mut self, batch: Vec<Request>) -> Option<Written> {
+        let began = Instant::now();
         let lock = match self.lock().await {
             Ok(l) => l,
             Err(e) => {
@@ -689,6 +690,7 @@ impl Manager {
             prober: Arc::clone(&self.prober),
             batch,
             outcomes,
+            write: began.elapsed(),
         })
     }
 
@@ -838,6 +840,8 @@ struct Written {
     prober: Arc<Prober>,
     batch: Vec<Request>,
     outcomes: Vec<Option<Result<(), ExportError>>>,
+    /// How long the writing took, lock and reload included.
+    write: Duration,
 }
 
 /// A batch with the outcome of its checks.
@@ -854,6 +858,7 @@ impl Written {
         let results = self.prober.check_all(&self.batch, &self.outcomes).await;
         debug!(
             changes = self.batch.len(),
+            write_ms = self.write.as_millis() as u64,
             check_ms = started.elapsed().as_millis() as u64,
             "export batch applied and checked"
         );

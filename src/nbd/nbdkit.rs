@@ -101,11 +101,19 @@ impl Engine for Nbdkit {
 
     fn write_unsynced(&self, spec: &ExportSpec) -> std::io::Result<bool> {
         let link = self.link(&spec.name);
+        // A new export is one symlink(2), which makes the entry with its
+        // target at once: a client never sees a half-made export.
+        match std::os::unix::fs::symlink(&spec.path, &link) {
+            Ok(()) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         if std::fs::read_link(&link).ok().as_deref() == Some(spec.path.as_path()) {
             return Ok(false);
         }
-        // Made under a hidden temporary name, then renamed over the final
-        // name: a client never sees a half-made export.
+        // An export that points elsewhere is replaced by a link made under
+        // a hidden temporary name, then renamed over it: a client sees the
+        // old target or the new one, never no export.
         let tmp = self.dir.join(format!(".{}.tmp", spec.name));
         remove_if_present(&tmp)?;
         std::os::unix::fs::symlink(&spec.path, &tmp)?;
