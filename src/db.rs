@@ -734,10 +734,16 @@ pub async fn claim_pending(
     host: &str,
     limit: i64,
 ) -> Result<Vec<PendingEvent>, sqlx::Error> {
+    // The batch is picked by an ARRAY(...) subquery, which PostgreSQL runs
+    // once, before the update. Written as `id IN (SELECT ... LIMIT ...)`
+    // the pick may become the inner side of a nested loop and run again
+    // for every row of the outer scan: with statistics taken while the
+    // table was empty, that claimed thousands of rows at once (the LIMIT
+    // bounds each run, not the statement) and took seconds.
     let rows = sqlx::query(
         "UPDATE outbox SET sent_at = now(), publish_attempts = publish_attempts + 1
-          WHERE id IN (SELECT id FROM outbox WHERE host = $1 AND sent_at IS NULL
-                        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+          WHERE id = ANY (ARRAY(SELECT id FROM outbox WHERE host = $1 AND sent_at IS NULL
+                                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED))
          RETURNING id, event_id, request_id, routing_key, body, correlation_id, reply_to,
                    traceparent",
     )

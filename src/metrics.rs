@@ -45,6 +45,9 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Events the relay published (confirmed by the broker).
     pub events_published: IntCounter,
+    /// The daemon's own reconciliations, by `outcome` (clean, drift,
+    /// failed).
+    pub reconciliations: IntCounterVec,
     /// Scrape-time gauges, set just before encoding.
     outbox_backlog: IntGauge,
     outbox_oldest_age: prometheus::Gauge,
@@ -149,6 +152,12 @@ impl Metrics {
                     "Completion events published and confirmed by the broker.",
                 )
                 .expect("valid metric definition"),
+            ),
+            reconciliations: counter(
+                &r,
+                "volumed_reconciliations_total",
+                "Reconciliations run by the daemon, by outcome (clean, drift, failed).",
+                &["outcome"],
             ),
             outbox_backlog: register(
                 &r,

@@ -161,7 +161,7 @@ impl Reconciler {
         self.check_attachments(&snap, &busy, apply, &mut drifts)
             .await?;
         self.check_exports(&snap, &busy, apply, &mut drifts).await?;
-        self.check_devices(&snap, &mut drifts);
+        self.check_devices(&snap, &busy, &mut drifts);
         self.check_stuck(apply, &mut drifts).await?;
         // A volume with an operation in progress is in flux, not adrift.
         drifts.retain(|d| !d.repair.starts_with("skipped: an operation"));
@@ -498,7 +498,10 @@ impl Reconciler {
         Ok(())
     }
 
-    fn check_devices(&self, snap: &Snapshot, out: &mut Vec<Drift>) {
+    /// Devices are looked at after the snapshot was taken: a volume whose
+    /// operation runs or ended meanwhile may have gained or lost its link
+    /// in between, so a busy volume is left out, as everywhere else.
+    fn check_devices(&self, snap: &Snapshot, busy: &BTreeSet<Uuid>, out: &mut Vec<Drift>) {
         let known: BTreeMap<String, Uuid> = snap
             .backend
             .iter()
@@ -507,7 +510,7 @@ impl Reconciler {
             .collect();
         for link in &snap.links {
             let vol = known.get(link).copied();
-            if vol.is_some_and(|v| snap.backend.contains(&v)) {
+            if vol.is_some_and(|v| snap.backend.contains(&v) || busy.contains(&v)) {
                 continue;
             }
             out.push(Drift {
@@ -523,7 +526,10 @@ impl Reconciler {
         }
         for (vol, (vm, stable)) in &snap.attachments {
             let Some(stable) = stable else { continue };
-            if *vm == self.appliance_vm && snap.backend.contains(vol) && !Path::new(stable).exists()
+            if *vm == self.appliance_vm
+                && snap.backend.contains(vol)
+                && !busy.contains(vol)
+                && !Path::new(stable).exists()
             {
                 out.push(Drift {
                     kind: "attachment_without_device",
@@ -896,7 +902,17 @@ pub async fn periodic(
         }
         started = true;
         let apply = schedule.borrow().apply;
-        match r.run(apply).await {
+        let outcome = r.run(apply).await;
+        let counted = match &outcome {
+            Ok(report) if report.drifts.is_empty() => "clean",
+            Ok(_) => "drift",
+            Err(_) => "failed",
+        };
+        crate::metrics::get()
+            .reconciliations
+            .with_label_values(&[counted])
+            .inc();
+        match outcome {
             Ok(report) if report.drifts.is_empty() => {
                 tracing::debug!(host = %r.host, "reconciled: no drift")
             }

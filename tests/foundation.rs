@@ -1079,6 +1079,50 @@ async fn the_relay_is_woken_by_the_outbox_notification() {
     client.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_claims_one_batch_even_with_a_plan_made_on_an_empty_outbox() {
+    use sqlx::{Acquire, Executor};
+    let env = Env::new("claim_plan").await;
+    // The daemon's relay looks at the outbox every poll, so the plan its
+    // connection keeps for the claim is often made while the table is
+    // empty and its statistics say so (here from a VACUUM, as after a
+    // clean-up). A generic plan made then (PostgreSQL switches to one
+    // after five runs) must still claim at most one batch once the table
+    // fills.
+    env.pool
+        .execute("VACUUM (ANALYZE) outbox")
+        .await
+        .expect("vacuum");
+    let mut conn = env.pool.acquire().await.expect("connection");
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("generic plans");
+    {
+        let mut tx = conn.begin().await.expect("begin");
+        let none = volumed::db::claim_pending(&mut tx, HOST, 10)
+            .await
+            .expect("claim on the empty outbox");
+        assert!(none.is_empty());
+        tx.commit().await.expect("commit");
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, request_id, routing_key, body, host)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'volume.attach.succeeded', '{}', $1
+           FROM generate_series(1, 500)",
+    )
+    .bind(HOST)
+    .execute(&env.pool)
+    .await
+    .expect("pending events");
+    let mut tx = conn.begin().await.expect("begin");
+    let claimed = volumed::db::claim_pending(&mut tx, HOST, 10)
+        .await
+        .expect("claim");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(claimed.len(), 10, "one batch, oldest first");
+    assert!(claimed.windows(2).all(|w| w[0].id < w[1].id));
+}
+
 /// The SQLSTATE of a failed statement (23505 is unique_violation) and the
 /// constraint it names.
 fn violation(r: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> (String, String) {

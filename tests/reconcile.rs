@@ -337,8 +337,10 @@ async fn every_drift_kind_is_reported_and_only_the_safe_ones_repaired() {
     // device_without_attachment: a device nobody attached.
     let stranger = Uuid::new_v4();
     std::os::unix::fs::symlink("/dev/null", link(stranger)).expect("stranger device");
-    // The busy volume: its export is missing too, and an operation runs.
+    // The busy volume: its export and its device are gone too, and an
+    // operation runs (a detach half-way).
     std::fs::remove_file(exports.join(format!("vol-{busy}"))).expect("remove export");
+    std::fs::remove_file(link(busy)).expect("remove device link");
     let busy_op = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO operations (request_id, host, op, volume_id, vm_id, state)
@@ -593,6 +595,13 @@ async fn the_daemon_repairs_at_start_up_and_periodically_and_abandons_a_purged_o
         "{:?}",
         made.elapsed()
     );
+    // Both runs that found drift are counted for the operator.
+    let m = common::scrape(env.http_port(HOST)).await;
+    let drift = m
+        .get("volumed_reconciliations_total{outcome=drift}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(drift >= 2.0, "{m:?}");
     let state: String = sqlx::query_scalar("SELECT state FROM operations WHERE request_id = $1")
         .bind(stuck)
         .fetch_one(&env.pool)
