@@ -739,7 +739,11 @@ pub async fn claim_pending(
     // the pick may become the inner side of a nested loop and run again
     // for every row of the outer scan: with statistics taken while the
     // table was empty, that claimed thousands of rows at once (the LIMIT
-    // bounds each run, not the statement) and took seconds.
+    // bounds each run, not the statement) and took seconds. The statement
+    // is also planned afresh each time (not kept prepared), so the pick
+    // follows the table's size as it is, not as it was when a plan was
+    // kept: a plan made on an empty outbox reads the whole table for
+    // every batch once it has grown.
     let rows = sqlx::query(
         "UPDATE outbox SET sent_at = now(), publish_attempts = publish_attempts + 1
           WHERE id = ANY (ARRAY(SELECT id FROM outbox WHERE host = $1 AND sent_at IS NULL
@@ -747,6 +751,7 @@ pub async fn claim_pending(
          RETURNING id, event_id, request_id, routing_key, body, correlation_id, reply_to,
                    traceparent",
     )
+    .persistent(false)
     .bind(host)
     .bind(limit)
     .fetch_all(&mut **tx)
