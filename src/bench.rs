@@ -91,9 +91,49 @@ pub struct Report {
     /// Mean time to reach each step of an operation from the previous one,
     /// in ms, from the daemon's own metrics (`op/step`, in step order).
     pub step_means_ms: Vec<(String, f64)>,
+    /// With `--rounds` above 1: every round's figures, in the order they
+    /// ran. The rest of the report is the median round's (see
+    /// [`median_round`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Round>,
     /// Publish time and event time of each request, for plots.
     #[serde(skip)]
     pub samples: Vec<(Duration, Duration)>,
+}
+
+/// One round's headline figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub throughput_per_s: f64,
+    pub sustained_per_s: f64,
+    pub p99_ms: f64,
+    pub throughput_ratio: Option<f64>,
+    pub p99_ratio: Option<f64>,
+    pub failed_events: usize,
+}
+
+impl Round {
+    pub fn of(r: &Report) -> Round {
+        Round {
+            throughput_per_s: r.daemon.throughput_per_s,
+            sustained_per_s: r.daemon.sustained_per_s,
+            p99_ms: r.daemon.p99_ms,
+            throughput_ratio: r.throughput_ratio,
+            p99_ratio: r.p99_ratio,
+            failed_events: r.failed_events,
+        }
+    }
+}
+
+/// The round whose report stands for all of them: the median by
+/// throughput against the floor, or by the daemon's own throughput when
+/// there is no floor (of an even number, the upper of the two middle
+/// ones). `None` for no rounds.
+pub fn median_round(rounds: &[Round]) -> Option<usize> {
+    let key = |r: &Round| r.throughput_ratio.unwrap_or(r.throughput_per_s);
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|a, b| key(&rounds[*a]).total_cmp(&key(&rounds[*b])));
+    order.get(rounds.len() / 2).copied()
 }
 
 impl Report {
@@ -139,6 +179,18 @@ impl Report {
             self.daemon_idle_rss_mib,
             self.daemon_peak_rss_mib
         ));
+        if self.rounds.len() > 1 {
+            let list = |f: &dyn Fn(&Round) -> String| {
+                self.rounds.iter().map(f).collect::<Vec<_>>().join(", ")
+            };
+            out.push_str(&format!(
+                "{} rounds, the median one above; per round: req/s {}; throughput / floor {}; p99 / floor {}\n",
+                self.rounds.len(),
+                list(&|r| format!("{:.0}", r.throughput_per_s)),
+                list(&|r| ratio(r.throughput_ratio)),
+                list(&|r| ratio(r.p99_ratio)),
+            ));
+        }
         if !self.step_means_ms.is_empty() {
             out.push_str("mean time per step (ms):");
             for (step, ms) in &self.step_means_ms {
@@ -548,6 +600,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         daemon_idle_rss_mib: idle_rss,
         daemon_peak_rss_mib: peak_rss,
         step_means_ms,
+        rounds: Vec::new(),
         samples,
     })
 }
@@ -828,6 +881,37 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn round(throughput_per_s: f64, throughput_ratio: Option<f64>) -> Round {
+        Round {
+            throughput_per_s,
+            sustained_per_s: throughput_per_s,
+            p99_ms: 1.0,
+            throughput_ratio,
+            p99_ratio: None,
+            failed_events: 0,
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_taken_by_ratio_or_else_by_throughput() {
+        assert_eq!(median_round(&[]), None);
+        let by_ratio = [
+            round(900.0, Some(0.7)),
+            round(1000.0, Some(0.4)),
+            round(800.0, Some(0.5)),
+        ];
+        assert_eq!(median_round(&by_ratio), Some(2), "0.5 is the middle ratio");
+        let no_floor = [round(900.0, None), round(1000.0, None), round(800.0, None)];
+        assert_eq!(median_round(&no_floor), Some(0));
+        let even = [
+            round(1.0, None),
+            round(4.0, None),
+            round(3.0, None),
+            round(2.0, None),
+        ];
+        assert_eq!(median_round(&even), Some(2), "the upper middle of four");
+    }
 
     #[test]
     fn reconciliations_are_summed_over_their_outcomes() {

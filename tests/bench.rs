@@ -1,5 +1,5 @@
 //! `volumed bench` end to end on a small burst: it runs, reports the
-//! daemon and the floor, and draws its plot.
+//! daemon and the floor over two rounds, and draws its plot.
 
 mod common;
 
@@ -21,6 +21,8 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
             "10",
             "--workers",
             "4",
+            "--rounds",
+            "2",
             "--json",
             "--plot",
             &plot_s,
@@ -33,6 +35,16 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
     );
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(report["daemon"]["requests"], 20);
+    // Two rounds: both listed, the report is one of them.
+    let rounds = report["rounds"].as_array().expect("rounds listed");
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    let shown = report["daemon"]["throughput_per_s"].as_f64().expect("rate");
+    assert!(
+        rounds
+            .iter()
+            .any(|r| r["throughput_per_s"].as_f64() == Some(shown)),
+        "{shown} is not one of {rounds:?}"
+    );
     assert_eq!(report["failed_events"], 0);
     assert_eq!(report["floor"]["requests"], 20);
     assert!(report["throughput_ratio"].as_f64().expect("ratio") > 0.0);

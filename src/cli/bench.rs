@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// PNG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
+    /// Run the whole measurement (daemon and floor) this many times, one
+    /// after another, and report the median round, with every round's
+    /// headline figures.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
 }
 
 pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
@@ -62,7 +67,20 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         floor: !a.no_floor,
         state_dir: a.state_dir.clone(),
     };
-    let report = bench::run(&config, &plan).await?;
+    let mut reports = Vec::with_capacity(a.rounds as usize);
+    for i in 0..a.rounds {
+        if a.rounds > 1 {
+            eprintln!("volumed bench: round {} of {}", i + 1, a.rounds);
+        }
+        reports.push(bench::run(&config, &plan).await?);
+    }
+    let rounds: Vec<bench::Round> = reports.iter().map(bench::Round::of).collect();
+    let failed: usize = rounds.iter().map(|r| r.failed_events).sum();
+    let median = bench::median_round(&rounds).unwrap_or(0);
+    let mut report = reports.swap_remove(median);
+    if rounds.len() > 1 {
+        report.rounds = rounds;
+    }
     if let Some(file) = &a.plot {
         crate::plot::draw(file, "volumed", &report.samples)?;
         eprintln!("plot written to {}", file.display());
@@ -72,7 +90,8 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
     } else {
         print!("{}", report.render());
     }
-    Ok(if report.failed_events == 0 {
+    // A failed event in any round fails the run, not only in the median.
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
