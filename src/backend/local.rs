@@ -3,24 +3,34 @@
 //! appear, as the hypervisor and udev would. Attaching to another VM only
 //! records the attachment.
 //!
-//! State lives next to each image (`<id>.attachment`, replaced atomically),
-//! so it survives a daemon crash exactly like a cloud's would. The same file
-//! keeps the history of the volume's attach and detach calls, written in
-//! the same rename as the state they produced: a crash can never leave a
-//! change without its history line or the reverse, so tests can read it to
-//! prove that no side effect happened twice. A call the backend refuses
-//! because it would repeat a change (attaching an attached volume,
-//! detaching a detached one) is kept too, apart, since a caller that
-//! repeats a change shows only there. The device link is made before
-//! an attach is recorded and removed before a detach is, so a crash in
-//! between is repaired by the redelivered request doing the change again.
+//! State lives next to each image, so it survives a daemon crash exactly
+//! like a cloud's would. `<id>.attachment` is the volume's history, one
+//! line per attach or detach (`attach <volume> <vm>`); its last line is the
+//! state. A change is one line written at the end of the file and flushed
+//! before the call returns, so the state and its history can never
+//! disagree, and a change costs the same whatever the length of the
+//! history. A line cut short by a power cut (no newline at its end) is no
+//! change: readers ignore it and the next change writes over it. Tests read
+//! the history to prove that no side effect happened twice. A call the
+//! backend refuses because it would repeat a change (attaching an attached
+//! volume, detaching a detached one) is kept apart, in `<id>.refused`,
+//! since a caller that repeats a change shows only there. The device link
+//! is made before an attach is recorded and removed before a detach is, so
+//! a crash in between is repaired by the redelivered request doing the
+//! change again.
+//!
+//! Earlier versions kept a JSON document in `<id>.attachment`
+//! (`{"vm_id": …, "history": […], "refused": […]}`, replaced by rename);
+//! such a file is read as it is and rewritten in the line form, in one
+//! rename, at the volume's next change.
 
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{by_id_name, Backend, BackendError, Started, VolumeState};
@@ -35,15 +45,24 @@ pub struct LocalBackend {
     latency: Duration,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
+/// A volume's state as its history file gives it.
+#[derive(Debug, Default)]
+struct State {
     /// The VM the volume is attached to, if any.
     vm_id: Option<Uuid>,
-    /// Every change, `attach <volume> <vm>` / `detach <volume> <vm>`.
+    /// Bytes of whole lines at the start of the file: the next change is
+    /// written there, over a torn line if one follows.
+    whole: u64,
+    /// The file is still the earlier JSON document, with these lines.
+    legacy: Option<Legacy>,
+}
+
+/// The JSON document earlier versions wrote.
+#[derive(Debug, Default, Deserialize)]
+struct Legacy {
+    vm_id: Option<Uuid>,
     #[serde(default)]
     history: Vec<String>,
-    /// Every refused call, in the same form. Apart from `history`, whose
-    /// readers count changes.
     #[serde(default)]
     refused: Vec<String>,
 }
@@ -70,11 +89,16 @@ impl LocalBackend {
         Self::volumes_dir(data_dir).join(format!("{id}.attachment"))
     }
 
+    fn refused_path(data_dir: &Path, id: Uuid) -> PathBuf {
+        Self::volumes_dir(data_dir).join(format!("{id}.refused"))
+    }
+
     /// The history of every volume's changes, volume by volume.
     pub fn call_history(data_dir: &Path) -> Vec<String> {
-        Self::states(data_dir)
-            .into_iter()
-            .flat_map(|s| s.history)
+        Self::files(data_dir, "attachment")
+            .iter()
+            .filter_map(|p| read_history(p).ok())
+            .flat_map(|(history, _)| history)
             .collect()
     }
 
@@ -83,22 +107,38 @@ impl LocalBackend {
     /// form of [`LocalBackend::call_history`]. A caller that never repeats
     /// a change leaves this empty.
     pub fn refused_calls(data_dir: &Path) -> Vec<String> {
-        Self::states(data_dir)
-            .into_iter()
-            .flat_map(|s| s.refused)
-            .collect()
+        let mut by_volume: std::collections::BTreeMap<PathBuf, Vec<String>> = Default::default();
+        // Refusals kept by an earlier version, in its JSON document.
+        for p in Self::files(data_dir, "attachment") {
+            if let Ok((_, refused)) = read_history(&p) {
+                by_volume
+                    .entry(p.with_extension(""))
+                    .or_default()
+                    .extend(refused);
+            }
+        }
+        for p in Self::files(data_dir, "refused") {
+            if let Ok(lines) = read_lines(&p) {
+                by_volume
+                    .entry(p.with_extension(""))
+                    .or_default()
+                    .extend(lines);
+            }
+        }
+        by_volume.into_values().flatten().collect()
     }
 
-    fn states(data_dir: &Path) -> Vec<StateFile> {
+    /// The volume directory's files with this extension, sorted.
+    fn files(data_dir: &Path, extension: &str) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(Self::volumes_dir(data_dir)) else {
             return Vec::new();
         };
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| Some(e.ok()?.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "attachment"))
+            .filter(|p| p.extension().is_some_and(|x| x == extension))
             .collect();
         files.sort();
-        files.iter().filter_map(|p| read_state(p).ok()).collect()
+        files
     }
 
     /// Creates a sparse volume of `size` bytes and returns its id.
@@ -126,6 +166,7 @@ impl LocalBackend {
         std::fs::remove_file(img)?;
         // The history goes with the volume.
         let _ = std::fs::remove_file(Self::attachment_path(data_dir, id));
+        let _ = std::fs::remove_file(Self::refused_path(data_dir, id));
         Ok(())
     }
 
@@ -133,35 +174,47 @@ impl LocalBackend {
         self.device_dir.join(by_id_name(volume))
     }
 
-    /// Records the new state with its history line, in one rename.
-    fn record(
-        &self,
-        volume: Uuid,
-        mut state: StateFile,
-        what: &str,
-        vm: Uuid,
-    ) -> Result<(), BackendError> {
-        state.vm_id = (what == "attach").then_some(vm);
-        state.history.push(format!("{what} {volume} {vm}"));
-        let body =
-            serde_json::to_vec(&state).map_err(|e| BackendError::Permanent(e.to_string()))?;
-        write_atomic(&Self::attachment_path(&self.data_dir, volume), &body).map_err(io)
+    /// Records a change: one history line, flushed before this returns.
+    fn record(&self, volume: Uuid, state: State, what: &str, vm: Uuid) -> Result<(), BackendError> {
+        let line = format!("{what} {volume} {vm}\n");
+        let path = Self::attachment_path(&self.data_dir, volume);
+        match state.legacy {
+            None => write_line_at(&path, state.whole, &line).map_err(io),
+            Some(legacy) => {
+                // The earlier document becomes the line form in the same
+                // rename that records the change. Its refusals move first,
+                // ahead of any kept since (they are older); a crash
+                // between the two renames only shows them twice.
+                if !legacy.refused.is_empty() {
+                    let refused = Self::refused_path(&self.data_dir, volume);
+                    let mut body = String::new();
+                    for r in legacy
+                        .refused
+                        .iter()
+                        .cloned()
+                        .chain(read_lines(&refused).unwrap_or_default())
+                    {
+                        body.push_str(&r);
+                        body.push('\n');
+                    }
+                    let _ = write_atomic(&refused, body.as_bytes());
+                }
+                let mut body = String::new();
+                for h in &legacy.history {
+                    body.push_str(h);
+                    body.push('\n');
+                }
+                body.push_str(&line);
+                write_atomic(&path, body.as_bytes()).map_err(io)
+            }
+        }
     }
 
-    /// Keeps a refused call in the volume's file, then returns the
-    /// refusal. Failing to keep it only loses the trace, not the answer.
-    fn refuse(
-        &self,
-        volume: Uuid,
-        mut state: StateFile,
-        what: &str,
-        vm: Uuid,
-        why: String,
-    ) -> BackendError {
-        state.refused.push(format!("{what} {volume} {vm}"));
-        if let Ok(body) = serde_json::to_vec(&state) {
-            let _ = write_atomic(&Self::attachment_path(&self.data_dir, volume), &body);
-        }
+    /// Keeps a refused call in the volume's `.refused` file, then returns
+    /// the refusal. Failing to keep it only loses the trace, not the answer.
+    fn refuse(&self, volume: Uuid, what: &str, vm: Uuid, why: String) -> BackendError {
+        let path = Self::refused_path(&self.data_dir, volume);
+        let _ = append_line(&path, &format!("{what} {volume} {vm}"));
         BackendError::Permanent(why)
     }
 
@@ -180,13 +233,135 @@ impl LocalBackend {
     }
 }
 
-fn read_state(p: &Path) -> std::io::Result<StateFile> {
-    match std::fs::read(p) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(e),
+fn invalid(p: &Path, why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("{}: {why}", p.display()),
+    )
+}
+
+/// Whether the file is the earlier JSON document.
+fn is_legacy(f: &std::fs::File) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    Ok(f.read_at(&mut first, 0)? == 1 && first[0] == b'{')
+}
+
+fn read_legacy(p: &Path) -> std::io::Result<Legacy> {
+    serde_json::from_slice(&std::fs::read(p)?).map_err(|e| invalid(p, e))
+}
+
+/// The state a history line leaves.
+fn state_after(p: &Path, line: &str) -> std::io::Result<Option<Uuid>> {
+    let mut words = line.split(' ');
+    let (what, vm) = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(what), Some(_volume), Some(vm), None) => (what, vm),
+        _ => return Err(invalid(p, format!("not a history line: {line:?}"))),
+    };
+    let vm = crate::contract::parse_uuid(vm)
+        .ok_or_else(|| invalid(p, format!("not a VM id in {line:?}")))?;
+    match what {
+        "attach" => Ok(Some(vm)),
+        "detach" => Ok(None),
+        _ => Err(invalid(p, format!("not a history line: {line:?}"))),
     }
+}
+
+/// The volume's state: the last whole line of its history, read from the
+/// end of the file, so its cost does not grow with the history.
+fn read_state(p: &Path) -> std::io::Result<State> {
+    let f = match std::fs::File::open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(e) => return Err(e),
+    };
+    if is_legacy(&f)? {
+        let legacy = read_legacy(p)?;
+        return Ok(State {
+            vm_id: legacy.vm_id,
+            whole: 0,
+            legacy: Some(legacy),
+        });
+    }
+    let len = f.metadata()?.len();
+    // A line is about 80 bytes; the window doubles until it holds the last
+    // whole line and the newline before it (or the file's start).
+    let mut window: u64 = 512;
+    loop {
+        let from = len.saturating_sub(window);
+        let mut buf = vec![0u8; (len - from) as usize];
+        f.read_exact_at(&mut buf, from)?;
+        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+            if from == 0 {
+                // Nothing but a torn first line: no change yet.
+                return Ok(State::default());
+            }
+            window *= 2;
+            continue;
+        };
+        let start = match buf[..end].iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if from == 0 => 0,
+            None => {
+                window *= 2;
+                continue;
+            }
+        };
+        let line = std::str::from_utf8(&buf[start..end]).map_err(|e| invalid(p, e))?;
+        return Ok(State {
+            vm_id: state_after(p, line)?,
+            whole: from + end as u64 + 1,
+            legacy: None,
+        });
+    }
+}
+
+/// The whole lines of a line file (a torn last line left out); none when
+/// the file does not exist.
+fn read_lines(p: &Path) -> std::io::Result<Vec<String>> {
+    let bytes = match std::fs::read(p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let text = std::str::from_utf8(&bytes[..whole]).map_err(|e| invalid(p, e))?;
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// A history file's changes, and the refusals an earlier version kept in it.
+fn read_history(p: &Path) -> std::io::Result<(Vec<String>, Vec<String>)> {
+    let f = std::fs::File::open(p)?;
+    if is_legacy(&f)? {
+        let legacy = read_legacy(p)?;
+        return Ok((legacy.history, legacy.refused));
+    }
+    Ok((read_lines(p)?, Vec::new()))
+}
+
+/// Writes `line` at offset `at` (the end of the file's whole lines, so a
+/// torn line after them is overwritten and cut off), then flushes it.
+fn write_line_at(p: &Path, at: u64, line: &str) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
+    f.write_all_at(line.as_bytes(), at)?;
+    let end = at + line.len() as u64;
+    if f.metadata()?.len() > end {
+        f.set_len(end)?;
+    }
+    f.sync_data()
+}
+
+/// Adds a line at the end of a line file, after its whole lines.
+fn append_line(p: &Path, line: &str) -> std::io::Result<()> {
+    let at = match std::fs::read(p) {
+        Ok(bytes) => bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) as u64,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    write_line_at(p, at, &format!("{line}\n"))
 }
 
 /// Replaces `dest` atomically: write a temporary file, fsync, rename.
@@ -200,8 +375,14 @@ fn write_atomic(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, dest)
 }
 
+/// A file that does not parse stays broken however often it is read, so
+/// it fails the request; other I/O errors may pass, so they are retried.
 fn io(e: std::io::Error) -> BackendError {
-    BackendError::Transient(e.to_string())
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        BackendError::Permanent(e.to_string())
+    } else {
+        BackendError::Transient(e.to_string())
+    }
 }
 
 #[async_trait]
@@ -278,7 +459,7 @@ impl LocalBackend {
         let state = read_state(&Self::attachment_path(&self.data_dir, volume)).map_err(io)?;
         if let Some(on) = state.vm_id {
             let why = format!("volume {volume} is already attached to VM {on}");
-            return Err(self.refuse(volume, state, "attach", vm, why));
+            return Err(self.refuse(volume, "attach", vm, why));
         }
         if vm == self.appliance_vm {
             // The link first, under a temporary name and renamed so a
@@ -304,11 +485,11 @@ impl LocalBackend {
             Some(on) if on == vm => {}
             Some(on) => {
                 let why = format!("volume {volume} is attached to VM {on}, not {vm}");
-                return Err(self.refuse(volume, state, "detach", vm, why));
+                return Err(self.refuse(volume, "detach", vm, why));
             }
             None => {
                 let why = format!("volume {volume} is not attached");
-                return Err(self.refuse(volume, state, "detach", vm, why));
+                return Err(self.refuse(volume, "detach", vm, why));
             }
         }
         // The device goes first; the detach counts once it is recorded.
@@ -414,5 +595,126 @@ mod tests {
             LocalBackend::call_history(&data).is_empty(),
             "history goes with the volume"
         );
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, LocalBackend, Uuid, Uuid) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let me = Uuid::new_v4();
+        let b = LocalBackend::new(&data, &dir.path().join("by-id"), me, Duration::ZERO);
+        let vol = LocalBackend::create_volume(&data, 1 << 20).expect("create");
+        (dir, data, b, vol, me)
+    }
+
+    #[tokio::test]
+    async fn a_change_is_one_line_and_the_state_is_the_last_one_however_long_the_history() {
+        let (_dir, data, b, vol, me) = setup();
+        for _ in 0..300 {
+            b.attach(vol, me).await.expect("attach");
+            b.detach(vol, me).await.expect("detach");
+        }
+        b.attach(vol, me).await.expect("attach");
+        let path = LocalBackend::attachment_path(&data, vol);
+        let text = std::fs::read_to_string(&path).expect("history");
+        assert_eq!(text.lines().count(), 601);
+        assert_eq!(
+            text.lines().last(),
+            Some(format!("attach {vol} {me}").as_str())
+        );
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, Some(me));
+        assert_eq!(LocalBackend::call_history(&data).len(), 601);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_no_change_and_the_next_change_writes_over_it() {
+        let (_dir, data, b, vol, me) = setup();
+        b.attach(vol, me).await.expect("attach");
+        let path = LocalBackend::attachment_path(&data, vol);
+        let whole = std::fs::read(&path).expect("history");
+        // A detach line cut short, as a power cut can leave it, then the
+        // zeros a file system may show past it: more than the first
+        // window the state is read through.
+        let mut torn = whole.clone();
+        torn.extend_from_slice(format!("detach {vol} {me}").as_bytes()[..30].as_ref());
+        torn.extend(std::iter::repeat_n(0u8, 5000));
+        std::fs::write(&path, &torn).expect("tear");
+
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, Some(me));
+        assert_eq!(
+            LocalBackend::call_history(&data),
+            [format!("attach {vol} {me}")]
+        );
+        b.detach(vol, me).await.expect("detach");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("history"),
+            format!("attach {vol} {me}\ndetach {vol} {me}\n"),
+            "the torn line and the zeros are gone"
+        );
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, None);
+
+        // A file holding nothing but a torn first line: never attached.
+        std::fs::write(&path, b"attach 12").expect("tear");
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, None);
+        b.attach(vol, me).await.expect("attach");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("history"),
+            format!("attach {vol} {me}\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_history_line_that_does_not_parse_is_an_error_naming_the_file() {
+        let (_dir, data, b, vol, me) = setup();
+        let path = LocalBackend::attachment_path(&data, vol);
+        std::fs::write(&path, format!("attach {vol} not-a-vm\n")).expect("write");
+        let Err(BackendError::Permanent(why)) = b.volume(vol).await else {
+            panic!("a bad line must fail the request, not be retried");
+        };
+        assert!(why.contains(&path.display().to_string()), "{why}");
+        assert!(why.contains("not a VM id"), "{why}");
+        assert!(
+            b.attach(vol, me).await.is_err(),
+            "no change on top of a bad line"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_json_state_file_of_an_earlier_version_is_read_then_rewritten_at_the_next_change() {
+        let (_dir, data, b, vol, me) = setup();
+        let other = Uuid::new_v4();
+        let path = LocalBackend::attachment_path(&data, vol);
+        let old = serde_json::json!({
+            "vm_id": me,
+            "history": [format!("attach {vol} {me}")],
+            "refused": [format!("attach {vol} {other}")],
+        });
+        std::fs::write(&path, serde_json::to_vec(&old).expect("json")).expect("write");
+
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, Some(me));
+        assert_eq!(b.volumes_on(me).await.expect("on").len(), 1);
+        assert_eq!(
+            LocalBackend::call_history(&data),
+            [format!("attach {vol} {me}")]
+        );
+        // A refusal before the conversion goes after the old ones.
+        assert!(b.attach(vol, other).await.is_err());
+        let refused = [
+            format!("attach {vol} {other}"),
+            format!("attach {vol} {other}"),
+        ];
+        assert_eq!(LocalBackend::refused_calls(&data), refused);
+
+        b.detach(vol, me).await.expect("detach");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("history"),
+            format!("attach {vol} {me}\ndetach {vol} {me}\n"),
+            "rewritten in the line form"
+        );
+        assert_eq!(
+            LocalBackend::refused_calls(&data),
+            refused,
+            "no refusal lost"
+        );
+        assert_eq!(b.volume(vol).await.expect("state").attached_to, None);
     }
 }
