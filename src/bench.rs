@@ -46,6 +46,35 @@ pub struct Plan {
     /// configuration, its pidfile); the system's temporary directory when
     /// `None`.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Keep this many requests in flight (published, no event yet),
+    /// publishing more as events arrive, instead of publishing them all at
+    /// once; `None` for one burst. See [`Plan::check`].
+    pub queued: Option<usize>,
+}
+
+impl Plan {
+    /// Refuses plans the benchmark cannot measure.
+    pub fn check(&self) -> Result<()> {
+        if self.volumes == 0 || self.vms == 0 || self.requests == 0 {
+            bail!("requests, volumes and VMs must be at least 1");
+        }
+        if let Some(q) = self.queued {
+            if q == 0 {
+                bail!("--queued must be at least 1");
+            }
+            if self.requests < 2 * q {
+                bail!(
+                    "--queued {q} needs --requests of at least {}: the rate at that depth is \
+                     taken while the requests are topped up, which must be half the run or more",
+                    2 * q
+                );
+            }
+            if self.floor {
+                bail!("--queued measures the daemon alone (the floor is a burst): add --no-floor");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -86,6 +115,13 @@ pub struct Report {
     pub export_changes: i64,
     pub reloads_per_export_change: f64,
     pub db_commits_per_operation: f64,
+    /// With `--queued`: the depth asked for. The sustained rate is then
+    /// the rate at that depth (see [`figures`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued: Option<usize>,
+    /// The most requests published and without an event at once, seen
+    /// after each publish: the whole burst without `--queued`.
+    pub max_in_flight: usize,
     pub daemon_idle_rss_mib: f64,
     pub daemon_peak_rss_mib: f64,
     /// Mean time to reach each step of an operation from the previous one,
@@ -179,6 +215,12 @@ impl Report {
             self.daemon_idle_rss_mib,
             self.daemon_peak_rss_mib
         ));
+        if let Some(q) = self.queued {
+            out.push_str(&format!(
+                "kept {q} requests in flight (at most {} seen); sustained: the rate while they were topped up\n",
+                self.max_in_flight
+            ));
+        }
         if self.rounds.len() > 1 {
             let list = |f: &dyn Fn(&Round) -> String| {
                 self.rounds.iter().map(f).collect::<Vec<_>>().join(", ")
@@ -265,8 +307,15 @@ fn step_means(text: &str) -> Vec<(String, f64)> {
 }
 
 /// The figures of a run from each request's latency and the arrival time
-/// of each event (from the first publish).
-fn figures(mut lat: Vec<Duration>, mut arrivals: Vec<Duration>) -> Figures {
+/// of each event (from the first publish). The sustained rate is taken
+/// from the 10th percentile of arrivals to the 90th, or to `until` when
+/// given (with `--queued`, the last top-up: the queue's depth held until
+/// then).
+fn figures(
+    mut lat: Vec<Duration>,
+    mut arrivals: Vec<Duration>,
+    until: Option<Duration>,
+) -> Figures {
     lat.sort();
     arrivals.sort();
     let seconds = arrivals.last().copied().unwrap_or_default().as_secs_f64();
@@ -277,7 +326,7 @@ fn figures(mut lat: Vec<Duration>, mut arrivals: Vec<Duration>) -> Figures {
         v[((v.len() as f64 - 1.0) * q).round() as usize]
     };
     let ms = |q: f64| pick(&lat, q).as_secs_f64() * 1000.0;
-    let (from, to) = (pick(&arrivals, 0.1), pick(&arrivals, 0.9));
+    let (from, to) = (pick(&arrivals, 0.1), until.unwrap_or(pick(&arrivals, 0.9)));
     let middle = arrivals.iter().filter(|a| **a >= from && **a <= to).count();
     let span = to.saturating_sub(from).as_secs_f64();
     Figures {
@@ -332,9 +381,7 @@ async fn commits(pool: &PgPool) -> Result<i64> {
 
 /// Runs the plan.
 pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
-    if plan.volumes == 0 || plan.vms == 0 || plan.requests == 0 {
-        bail!("requests, volumes and VMs must be at least 1");
-    }
+    plan.check()?;
     let pool = crate::db::connect(&config.database_url, 4).await?;
     crate::db::migrate(&pool).await?;
     vacuum(&pool).await;
@@ -509,25 +556,54 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let t0 = Instant::now();
     let (seen, mut events) = arrivals(t0, sub);
     let mut published: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
-    // All of the burst is in flight at once: confirmations are awaited
-    // after the last request is sent, as for the floor.
+    // A burst is in flight at once: confirmations are awaited after the
+    // last request is sent, as for the floor. With `--queued` only the
+    // first Q go out now, and each event that arrives lets one more go.
+    let first = plan.queued.unwrap_or(plan.requests).min(plan.requests);
     client
-        .publish_many(&requests, |r| {
+        .publish_many(&requests[..first], |r| {
             published.insert(r.request_id, t0.elapsed());
         })
         .await?;
+    let mut sent = first;
+    let mut topped_up = None;
+    let mut max_in_flight = first;
     let mut done: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
     let mut failed = 0;
     let deadline = Duration::from_secs(600);
     while done.len() < plan.requests && t0.elapsed() < deadline {
         let next = tokio::time::timeout(Duration::from_secs(30), events.recv()).await;
-        let Ok(Some((e, at))) = next else {
+        let Ok(Some(mut event)) = next else {
             break;
         };
-        if published.contains_key(&e.request_id) && !done.contains_key(&e.request_id) {
-            done.insert(e.request_id, at);
-            if !e.event_type.succeeded() {
-                failed += 1;
+        let mut finished = 0;
+        // Every event already received counts before the next top-up, so
+        // that one publish covers all of them.
+        loop {
+            let (e, at) = event;
+            if published.contains_key(&e.request_id) && !done.contains_key(&e.request_id) {
+                done.insert(e.request_id, at);
+                finished += 1;
+                if !e.event_type.succeeded() {
+                    failed += 1;
+                }
+            }
+            match events.try_recv() {
+                Ok(e) => event = e,
+                Err(_) => break,
+            }
+        }
+        if plan.queued.is_some() && finished > 0 && sent < plan.requests {
+            let more = finished.min(plan.requests - sent);
+            client
+                .publish_many(&requests[sent..sent + more], |r| {
+                    published.insert(r.request_id, t0.elapsed());
+                })
+                .await?;
+            sent += more;
+            max_in_flight = max_in_flight.max(sent - done.len());
+            if sent == plan.requests {
+                topped_up = Some(t0.elapsed());
             }
         }
     }
@@ -544,7 +620,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let mut samples: Vec<(Duration, Duration)> =
         done.iter().map(|(id, at)| (published[id], *at)).collect();
     samples.sort();
-    let daemon = figures(latencies, done.values().copied().collect());
+    let daemon = figures(latencies, done.values().copied().collect(), topped_up);
     let (reloads, restarts, changes): (i64, i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(reloads), 0)::bigint, COALESCE(sum(restarts), 0)::bigint,
                 COALESCE(sum(changes), 0)::bigint FROM nbd_stats WHERE host = $1",
@@ -597,6 +673,8 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
             0.0
         },
         db_commits_per_operation: (commits_after - commits_before) as f64 / ops,
+        queued: plan.queued,
+        max_in_flight,
         daemon_idle_rss_mib: idle_rss,
         daemon_peak_rss_mib: peak_rss,
         step_means_ms,
@@ -875,7 +953,7 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     sqlx::query("DROP TABLE IF EXISTS volumed_bench_floor")
         .execute(pool)
         .await?;
-    Ok(figures(lat, arrivals))
+    Ok(figures(lat, arrivals, None))
 }
 
 #[cfg(test)]
@@ -913,6 +991,49 @@ mod tests {
         assert_eq!(median_round(&even), Some(2), "the upper middle of four");
     }
 
+    fn plan(requests: usize, queued: Option<usize>, floor: bool) -> Plan {
+        Plan {
+            requests,
+            volumes: 10,
+            vms: 1,
+            backend: "local".into(),
+            latency: Duration::ZERO,
+            engine: "nbdkit".into(),
+            workers: 4,
+            floor,
+            state_dir: None,
+            queued,
+        }
+    }
+
+    #[test]
+    fn a_queued_plan_needs_no_floor_and_twice_as_many_requests() {
+        assert!(plan(20, None, true).check().is_ok());
+        assert!(plan(20, Some(10), false).check().is_ok());
+        let e = plan(19, Some(10), false).check().expect_err("too few");
+        assert!(e.to_string().contains("at least 20"), "{e}");
+        let e = plan(20, Some(10), true)
+            .check()
+            .expect_err("with the floor");
+        assert!(e.to_string().contains("--no-floor"), "{e}");
+        assert!(plan(20, Some(0), false).check().is_err());
+        assert!(plan(0, None, false).check().is_err());
+    }
+
+    #[test]
+    fn the_sustained_rate_at_a_depth_ends_at_the_last_top_up() {
+        // 100 events a millisecond apart while the queue was topped up,
+        // then a slow drain of 100 more, 10 ms apart.
+        let mut arrivals: Vec<Duration> = (0..100).map(Duration::from_millis).collect();
+        arrivals.extend((0..100).map(|i| Duration::from_millis(100 + i * 10)));
+        let lat = vec![Duration::from_millis(5); arrivals.len()];
+        let burst = figures(lat.clone(), arrivals.clone(), None);
+        let held = figures(lat, arrivals, Some(Duration::from_millis(99)));
+        // From the 10th percentile (20 ms) to 99 ms: 79 intervals in 79 ms.
+        assert!((held.sustained_per_s - 1000.0).abs() < 1.0, "{held:?}");
+        assert!(burst.sustained_per_s < 300.0, "the drain counts: {burst:?}");
+    }
+
     #[test]
     fn reconciliations_are_summed_over_their_outcomes() {
         let text = "# HELP volumed_reconciliations_total Reconciliations.\n\
@@ -930,7 +1051,7 @@ mod tests {
         let mut arrivals: Vec<Duration> = (0..10).map(|i| Duration::from_millis(i * 100)).collect();
         arrivals.extend((0..90).map(|i| Duration::from_millis(1000 + i * 10)));
         let lat = vec![Duration::from_millis(5); arrivals.len()];
-        let f = figures(lat, arrivals);
+        let f = figures(lat, arrivals, None);
         assert_eq!(f.requests, 100);
         assert!((f.seconds - 1.89).abs() < 1e-9, "{f:?}");
         assert!(f.throughput_per_s < 60.0, "{f:?}");
@@ -940,7 +1061,7 @@ mod tests {
 
     #[test]
     fn an_empty_run_has_no_rates() {
-        let f = figures(Vec::new(), Vec::new());
+        let f = figures(Vec::new(), Vec::new(), None);
         assert_eq!((f.throughput_per_s, f.sustained_per_s), (0.0, 0.0));
     }
 }

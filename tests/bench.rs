@@ -98,3 +98,51 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
     let left: Vec<&str> = queues.lines().filter(|l| l.contains("bench")).collect();
     assert!(left.is_empty(), "queues left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_queued_the_benchmark_keeps_that_many_requests_in_flight() {
+    let env = Env::new("bench_queued").await;
+    let out = env.cli(
+        "oma-bq",
+        &[
+            "bench",
+            "--requests",
+            "60",
+            "--volumes",
+            "20",
+            "--workers",
+            "4",
+            "--queued",
+            "10",
+            "--no-floor",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["daemon"]["requests"], 60);
+    assert_eq!(report["failed_events"], 0);
+    assert_eq!(report["queued"], 10);
+    let most = report["max_in_flight"].as_u64().expect("max in flight");
+    assert!(
+        (1..=10).contains(&most),
+        "never more than 10 in flight: {most}"
+    );
+    assert!(report["floor"].is_null(), "no floor with --queued");
+    assert!(
+        report["daemon"]["sustained_per_s"]
+            .as_f64()
+            .expect("sustained")
+            > 0.0
+    );
+
+    // Without --no-floor it is refused before anything starts.
+    let refused = env.cli("oma-bq", &["bench", "--requests", "60", "--queued", "10"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--no-floor"), "{err}");
+}

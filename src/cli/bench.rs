@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// headline figures.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
+    /// Keep this many requests in flight, publishing one more as each
+    /// event arrives, instead of one burst of all of them; the sustained
+    /// rate is then the rate at that depth. Needs `--no-floor` and
+    /// `--requests` of at least twice as many.
+    #[arg(long)]
+    pub queued: Option<usize>,
 }
 
 pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
@@ -66,7 +72,9 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         workers: a.workers,
         floor: !a.no_floor,
         state_dir: a.state_dir.clone(),
+        queued: a.queued,
     };
+    plan.check()?;
     let mut reports = Vec::with_capacity(a.rounds as usize);
     for i in 0..a.rounds {
         if a.rounds > 1 {
