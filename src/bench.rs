@@ -10,7 +10,7 @@
 //! the floor, measured in the same run, are the yardstick.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -69,9 +69,6 @@ impl Plan {
                     2 * q
                 );
             }
-            if self.floor {
-                bail!("--queued measures the daemon alone (the floor is a burst): add --no-floor");
-            }
         }
         Ok(())
     }
@@ -96,6 +93,9 @@ pub struct Figures {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The most requests published and without an outcome at once, seen
+    /// after each publish: the whole burst without `--queued`.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,9 +119,6 @@ pub struct Report {
     /// the rate at that depth (see [`figures`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queued: Option<usize>,
-    /// The most requests published and without an event at once, seen
-    /// after each publish: the whole burst without `--queued`.
-    pub max_in_flight: usize,
     pub daemon_idle_rss_mib: f64,
     pub daemon_peak_rss_mib: f64,
     /// Mean time to reach each step of an operation from the previous one,
@@ -216,9 +213,14 @@ impl Report {
             self.daemon_peak_rss_mib
         ));
         if let Some(q) = self.queued {
+            let floor = match &self.floor {
+                Some(f) => format!(", the floor {}", f.max_in_flight),
+                None => String::new(),
+            };
             out.push_str(&format!(
-                "kept {q} requests in flight (at most {} seen); sustained: the rate while they were topped up\n",
-                self.max_in_flight
+                "kept {q} requests in flight (at most {} seen in the daemon{floor}); \
+                 sustained: the rate while they were topped up\n",
+                self.daemon.max_in_flight
             ));
         }
         if self.rounds.len() > 1 {
@@ -347,6 +349,8 @@ fn figures(
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         max_ms: ms(1.0),
+        // Known only to the caller that fed the run (see `Drive`).
+        max_in_flight: 0,
     }
 }
 
@@ -555,72 +559,34 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
     let commits_before = commits(&pool).await?;
     let t0 = Instant::now();
     let (seen, mut events) = arrivals(t0, sub);
-    let mut published: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
-    // A burst is in flight at once: confirmations are awaited after the
-    // last request is sent, as for the floor. With `--queued` only the
-    // first Q go out now, and each event that arrives lets one more go.
-    let first = plan.queued.unwrap_or(plan.requests).min(plan.requests);
-    client
-        .publish_many(&requests[..first], |r| {
-            published.insert(r.request_id, t0.elapsed());
-        })
-        .await?;
-    let mut sent = first;
-    let mut topped_up = None;
-    let mut max_in_flight = first;
-    let mut done: HashMap<Uuid, Duration> = HashMap::with_capacity(plan.requests);
-    let mut failed = 0;
-    let deadline = Duration::from_secs(600);
-    while done.len() < plan.requests && t0.elapsed() < deadline {
-        let next = tokio::time::timeout(Duration::from_secs(30), events.recv()).await;
-        let Ok(Some(mut event)) = next else {
-            break;
-        };
-        let mut finished = 0;
-        // Every event already received counts before the next top-up, so
-        // that one publish covers all of them.
-        loop {
-            let (e, at) = event;
-            if published.contains_key(&e.request_id) && !done.contains_key(&e.request_id) {
-                done.insert(e.request_id, at);
-                finished += 1;
-                if !e.event_type.succeeded() {
-                    failed += 1;
-                }
-            }
-            match events.try_recv() {
-                Ok(e) => event = e,
-                Err(_) => break,
-            }
-        }
-        if plan.queued.is_some() && finished > 0 && sent < plan.requests {
-            let more = finished.min(plan.requests - sent);
+    let run = drive(
+        plan.requests,
+        plan.queued,
+        t0,
+        async |range, published| {
             client
-                .publish_many(&requests[sent..sent + more], |r| {
+                .publish_many(&requests[range], |r| {
                     published.insert(r.request_id, t0.elapsed());
                 })
                 .await?;
-            sent += more;
-            max_in_flight = max_in_flight.max(sent - done.len());
-            if sent == plan.requests {
-                topped_up = Some(t0.elapsed());
-            }
-        }
-    }
+            Ok(())
+        },
+        &mut events,
+    )
+    .await?;
     seen.abort();
     let (_, peak_rss) = rss(pid);
     let step_means_ms = match reqwest::get(format!("http://{http}/metrics")).await {
         Ok(r) => step_means(&r.text().await.unwrap_or_default()),
         Err(_) => Vec::new(),
     };
-    let latencies: Vec<Duration> = done
+    let mut samples: Vec<(Duration, Duration)> = run
+        .done
         .iter()
-        .map(|(id, at)| at.saturating_sub(published[id]))
+        .map(|(id, at)| (run.published[id], *at))
         .collect();
-    let mut samples: Vec<(Duration, Duration)> =
-        done.iter().map(|(id, at)| (published[id], *at)).collect();
     samples.sort();
-    let daemon = figures(latencies, done.values().copied().collect(), topped_up);
+    let daemon = run.figures();
     let (reloads, restarts, changes): (i64, i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(reloads), 0)::bigint, COALESCE(sum(restarts), 0)::bigint,
                 COALESCE(sum(changes), 0)::bigint FROM nbd_stats WHERE host = $1",
@@ -662,7 +628,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         p99_ratio: floor.as_ref().map(|f| daemon.p99_ms / f.p99_ms.max(0.001)),
         daemon,
         floor,
-        failed_events: failed + (plan.requests - done.len()),
+        failed_events: run.failed + (plan.requests - run.done.len()),
         nbd_engine: plan.engine.clone(),
         nbd_reloads: reloads,
         nbd_restarts: restarts,
@@ -674,13 +640,112 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         },
         db_commits_per_operation: (commits_after - commits_before) as f64 / ops,
         queued: plan.queued,
-        max_in_flight,
         daemon_idle_rss_mib: idle_rss,
         daemon_peak_rss_mib: peak_rss,
         step_means_ms,
         rounds: Vec::new(),
         samples,
     })
+}
+
+/// A run ends when no outcome has arrived for this long (a lost request
+/// then counts as failed) or when it has lasted [`RUN_LIMIT`].
+const QUIET_LIMIT: Duration = Duration::from_secs(60);
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+
+/// How one pipeline's run went: when each request went out and when its
+/// outcome came back, both from the first publish.
+struct Drive {
+    published: HashMap<Uuid, Duration>,
+    done: HashMap<Uuid, Duration>,
+    failed: usize,
+    max_in_flight: usize,
+    /// With a depth to keep: when the last request was published, so the
+    /// end of the time the depth was held.
+    topped_up: Option<Duration>,
+}
+
+impl Drive {
+    fn latencies(&self) -> Vec<Duration> {
+        self.done
+            .iter()
+            .map(|(id, at)| at.saturating_sub(self.published[id]))
+            .collect()
+    }
+
+    fn figures(&self) -> Figures {
+        Figures {
+            max_in_flight: self.max_in_flight,
+            ..figures(
+                self.latencies(),
+                self.done.values().copied().collect(),
+                self.topped_up,
+            )
+        }
+    }
+}
+
+/// Feeds a pipeline `total` requests and collects their outcomes. Without
+/// `queued` every request is published at once (confirmations awaited
+/// after the last one is sent), so the pipeline starts with the whole burst
+/// queued; with `queued = Q` only the first Q go out, and each outcome that
+/// arrives lets one more go, so Q stay in flight until the last request is
+/// published. The daemon and the floor are fed by this same loop, so the
+/// two are measured alike.
+///
+/// `publish(range, published)` sends the requests of that range and
+/// records each one's publish time; `outcomes` yields each request's id,
+/// its arrival time and whether it succeeded.
+async fn drive(
+    total: usize,
+    queued: Option<usize>,
+    t0: Instant,
+    mut publish: impl AsyncFnMut(std::ops::Range<usize>, &mut HashMap<Uuid, Duration>) -> Result<()>,
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<(Uuid, Duration, bool)>,
+) -> Result<Drive> {
+    let mut run = Drive {
+        published: HashMap::with_capacity(total),
+        done: HashMap::with_capacity(total),
+        failed: 0,
+        max_in_flight: 0,
+        topped_up: None,
+    };
+    let first = queued.unwrap_or(total).min(total);
+    publish(0..first, &mut run.published).await?;
+    let mut sent = first;
+    run.max_in_flight = first;
+    while run.done.len() < total && t0.elapsed() < RUN_LIMIT {
+        let Ok(Some(mut outcome)) = tokio::time::timeout(QUIET_LIMIT, outcomes.recv()).await else {
+            break;
+        };
+        let mut finished = 0;
+        // Every outcome already received counts before the next top-up, so
+        // that one publish covers all of them.
+        loop {
+            let (id, at, succeeded) = outcome;
+            if run.published.contains_key(&id) && !run.done.contains_key(&id) {
+                run.done.insert(id, at);
+                finished += 1;
+                if !succeeded {
+                    run.failed += 1;
+                }
+            }
+            match outcomes.try_recv() {
+                Ok(o) => outcome = o,
+                Err(_) => break,
+            }
+        }
+        if queued.is_some() && finished > 0 && sent < total {
+            let more = finished.min(total - sent);
+            publish(sent..sent + more, &mut run.published).await?;
+            sent += more;
+            run.max_in_flight = run.max_in_flight.max(sent - run.done.len());
+            if sent == total {
+                run.topped_up = Some(t0.elapsed());
+            }
+        }
+    }
+    Ok(run)
 }
 
 /// Where the stand-ins for the cloud and the device directory live:
@@ -702,12 +767,13 @@ fn arrivals(
     mut sub: crate::client::Subscription,
 ) -> (
     tokio::task::JoinHandle<()>,
-    tokio::sync::mpsc::UnboundedReceiver<(crate::contract::Event, Duration)>,
+    tokio::sync::mpsc::UnboundedReceiver<(Uuid, Duration, bool)>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
-        while let Ok(Some(e)) = sub.next(Duration::from_secs(30)).await {
-            if tx.send((e, t0.elapsed())).is_err() {
+        while let Ok(Some(e)) = sub.next(QUIET_LIMIT).await {
+            let outcome = (e.request_id, t0.elapsed(), e.event_type.succeeded());
+            if tx.send(outcome).is_err() {
                 break;
             }
         }
@@ -872,62 +938,53 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
         .await?;
     let body =
         serde_json::to_vec(&serde_json::json!({"op": "attach", "volume_id": Uuid::new_v4()}))?;
+    let ids: Vec<Uuid> = (0..plan.requests).map(|_| Uuid::new_v4()).collect();
     let t0 = Instant::now();
     // Arrivals stamped as they come, as for the daemon (see `arrivals`).
-    let (stamp, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
+    let (stamp, mut arrived) = tokio::sync::mpsc::unbounded_channel();
     let receiver = tokio::spawn(async move {
         while let Some(Ok(d)) = out.next().await {
             let at = t0.elapsed();
             let _ = d.acker.ack(BasicAckOptions::default()).await;
-            let mid = d.properties.message_id().as_ref().map(|m| m.to_string());
-            if let Some(mid) = mid {
-                if stamp.send((mid, at)).is_err() {
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().parse());
+            if let Some(Ok(id)) = id {
+                if stamp.send((id, at, true)).is_err() {
                     break;
                 }
             }
         }
     });
-    let published: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
-    // The whole burst in flight, confirmations awaited at the end, as for
-    // the daemon.
-    let mut confirms = Vec::with_capacity(plan.requests);
-    for _ in 0..plan.requests {
-        let mid = Uuid::new_v4().to_string();
-        published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(mid.clone(), t0.elapsed());
-        confirms.push(
-            pub_ch
-                .basic_publish(
-                    "",
-                    &inq,
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_message_id(mid.into())
-                        .with_delivery_mode(2),
-                )
-                .await?,
-        );
-    }
-    for c in confirms {
-        c.await?;
-    }
-    let mut lat = Vec::with_capacity(plan.requests);
-    let mut arrivals = Vec::with_capacity(plan.requests);
-    while lat.len() < plan.requests {
-        let next = tokio::time::timeout(Duration::from_secs(60), arrived.recv()).await;
-        let Ok(Some((mid, at))) = next else { break };
-        if let Some(p) = published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(mid.as_str())
-        {
-            lat.push(at.saturating_sub(*p));
-            arrivals.push(at);
-        }
-    }
+    // Sent as the daemon's requests are: every message of a slice before
+    // any confirmation is awaited.
+    let run = drive(
+        plan.requests,
+        plan.queued,
+        t0,
+        async |range, published| {
+            let mut confirms = Vec::with_capacity(range.len());
+            for id in &ids[range] {
+                published.insert(*id, t0.elapsed());
+                let props = BasicProperties::default()
+                    .with_message_id(id.to_string().into())
+                    .with_delivery_mode(2);
+                confirms.push(
+                    pub_ch
+                        .basic_publish("", &inq, BasicPublishOptions::default(), &body, props)
+                        .await?,
+                );
+            }
+            for c in confirms {
+                c.await?;
+            }
+            Ok(())
+        },
+        &mut arrived,
+    )
+    .await?;
     receiver.abort();
     worker.abort();
     let _ = conn.close(200, "floor done").await;
@@ -953,11 +1010,13 @@ async fn floor(config: &Config, pool: &PgPool, plan: &Plan) -> Result<Figures> {
     sqlx::query("DROP TABLE IF EXISTS volumed_bench_floor")
         .execute(pool)
         .await?;
-    Ok(figures(lat, arrivals, None))
+    Ok(run.figures())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
 
     fn round(throughput_per_s: f64, throughput_ratio: Option<f64>) -> Round {
@@ -1007,17 +1066,69 @@ mod tests {
     }
 
     #[test]
-    fn a_queued_plan_needs_no_floor_and_twice_as_many_requests() {
+    fn a_queued_plan_needs_twice_as_many_requests() {
         assert!(plan(20, None, true).check().is_ok());
         assert!(plan(20, Some(10), false).check().is_ok());
-        let e = plan(19, Some(10), false).check().expect_err("too few");
+        // The floor is fed the same way as the daemon, so it can keep a
+        // depth too.
+        assert!(plan(20, Some(10), true).check().is_ok());
+        let e = plan(19, Some(10), true).check().expect_err("too few");
         assert!(e.to_string().contains("at least 20"), "{e}");
-        let e = plan(20, Some(10), true)
-            .check()
-            .expect_err("with the floor");
-        assert!(e.to_string().contains("--no-floor"), "{e}");
         assert!(plan(20, Some(0), false).check().is_err());
         assert!(plan(0, None, false).check().is_err());
+    }
+
+    /// Feeds `drive` a pipeline that answers every request as soon as it
+    /// is published (the last one with a failure) and returns the ranges
+    /// it was asked to publish, with the run.
+    async fn drive_instant(total: usize, queued: Option<usize>) -> (Vec<Range<usize>>, Drive) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ids: Vec<Uuid> = (0..total).map(|_| Uuid::new_v4()).collect();
+        let mut calls = Vec::new();
+        let t0 = Instant::now();
+        let run = drive(
+            total,
+            queued,
+            t0,
+            async |range: Range<usize>, published: &mut HashMap<Uuid, Duration>| {
+                calls.push(range.clone());
+                for i in range {
+                    published.insert(ids[i], t0.elapsed());
+                    tx.send((ids[i], t0.elapsed(), i + 1 < total))
+                        .expect("the receiver lives as long as the run");
+                }
+                Ok(())
+            },
+            &mut rx,
+        )
+        .await
+        .expect("run");
+        (calls, run)
+    }
+
+    #[tokio::test]
+    async fn a_depth_is_kept_by_publishing_one_more_for_each_outcome() {
+        let (calls, run) = drive_instant(10, Some(3)).await;
+        // Three at first; then the three outcomes that are in are all
+        // counted before one top-up of the same size.
+        assert_eq!(calls, vec![0..3, 3..6, 6..9, 9..10]);
+        assert_eq!(run.max_in_flight, 3);
+        assert_eq!(run.done.len(), 10);
+        assert_eq!(run.failed, 1, "the last request failed");
+        assert!(
+            run.topped_up.is_some(),
+            "the last top-up is when the depth ends"
+        );
+        assert_eq!(run.figures().max_in_flight, 3);
+    }
+
+    #[tokio::test]
+    async fn without_a_depth_the_whole_burst_is_published_at_once() {
+        let (calls, run) = drive_instant(5, None).await;
+        assert_eq!(calls, vec![0..5]);
+        assert_eq!(run.max_in_flight, 5);
+        assert_eq!(run.done.len(), 5);
+        assert!(run.topped_up.is_none());
     }
 
     #[test]

@@ -47,6 +47,9 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
     );
     assert_eq!(report["failed_events"], 0);
     assert_eq!(report["floor"]["requests"], 20);
+    // Without --queued both pipelines start with the whole burst queued.
+    assert_eq!(report["daemon"]["max_in_flight"], 20);
+    assert_eq!(report["floor"]["max_in_flight"], 20);
     assert!(report["throughput_ratio"].as_f64().expect("ratio") > 0.0);
     assert!(report["sustained_ratio"].as_f64().expect("sustained ratio") > 0.0);
     assert!(
@@ -100,7 +103,7 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_queued_the_benchmark_keeps_that_many_requests_in_flight() {
+async fn with_queued_the_daemon_and_the_floor_keep_that_many_requests_in_flight() {
     let env = Env::new("bench_queued").await;
     let out = env.cli(
         "oma-bq",
@@ -114,7 +117,6 @@ async fn with_queued_the_benchmark_keeps_that_many_requests_in_flight() {
             "4",
             "--queued",
             "10",
-            "--no-floor",
             "--json",
         ],
     );
@@ -124,25 +126,29 @@ async fn with_queued_the_benchmark_keeps_that_many_requests_in_flight() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    assert_eq!(report["daemon"]["requests"], 60);
     assert_eq!(report["failed_events"], 0);
     assert_eq!(report["queued"], 10);
-    let most = report["max_in_flight"].as_u64().expect("max in flight");
-    assert!(
-        (1..=10).contains(&most),
-        "never more than 10 in flight: {most}"
-    );
-    assert!(report["floor"].is_null(), "no floor with --queued");
-    assert!(
-        report["daemon"]["sustained_per_s"]
-            .as_f64()
-            .expect("sustained")
-            > 0.0
-    );
+    // Both pipelines are fed the same way: 60 requests, never more than
+    // 10 of them in flight, and a rate at that depth for the ratio.
+    for side in ["daemon", "floor"] {
+        let f = &report[side];
+        assert_eq!(f["requests"], 60, "{side}: {f}");
+        let most = f["max_in_flight"].as_u64().expect("max in flight");
+        assert!(
+            (1..=10).contains(&most),
+            "{side}: never more than 10 in flight: {most}"
+        );
+        assert!(
+            f["sustained_per_s"].as_f64().expect("sustained") > 0.0,
+            "{side}: {f}"
+        );
+    }
+    assert!(report["sustained_ratio"].as_f64().expect("ratio") > 0.0);
 
-    // Without --no-floor it is refused before anything starts.
-    let refused = env.cli("oma-bq", &["bench", "--requests", "60", "--queued", "10"]);
+    // A depth the run is too short to hold is refused before anything
+    // starts.
+    let refused = env.cli("oma-bq", &["bench", "--requests", "15", "--queued", "10"]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("--no-floor"), "{err}");
+    assert!(err.contains("at least 20"), "{err}");
 }

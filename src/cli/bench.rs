@@ -11,7 +11,8 @@ use crate::bench::{self, Plan};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Requests to publish at once.
+    /// Requests to publish: all at once, or with `--queued`, that many in
+    /// all.
     #[arg(long, default_value_t = 200)]
     pub requests: usize,
     /// Volumes they are spread over (attach, detach, attach, … per volume).
@@ -53,9 +54,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
     /// Keep this many requests in flight, publishing one more as each
-    /// event arrives, instead of one burst of all of them; the sustained
-    /// rate is then the rate at that depth. Needs `--no-floor` and
-    /// `--requests` of at least twice as many.
+    /// event arrives, instead of one burst of all of them, in the daemon
+    /// and in the floor alike; the sustained rate is then the rate at that
+    /// depth. Needs `--requests` of at least twice as many.
     #[arg(long)]
     pub queued: Option<usize>,
 }
