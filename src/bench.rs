@@ -580,12 +580,7 @@ pub async fn run(config: &Config, plan: &Plan) -> Result<Report> {
         Ok(r) => step_means(&r.text().await.unwrap_or_default()),
         Err(_) => Vec::new(),
     };
-    let mut samples: Vec<(Duration, Duration)> = run
-        .done
-        .iter()
-        .map(|(id, at)| (run.published[id], *at))
-        .collect();
-    samples.sort();
+    let samples = run.samples();
     let daemon = run.figures();
     let (reloads, restarts, changes): (i64, i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(reloads), 0)::bigint, COALESCE(sum(restarts), 0)::bigint,
@@ -666,19 +661,28 @@ struct Drive {
 }
 
 impl Drive {
-    fn latencies(&self) -> Vec<Duration> {
-        self.done
+    /// Publish time and outcome time of each request that got an outcome,
+    /// in publish order.
+    fn samples(&self) -> Vec<(Duration, Duration)> {
+        let mut samples: Vec<(Duration, Duration)> = self
+            .done
             .iter()
-            .map(|(id, at)| at.saturating_sub(self.published[id]))
-            .collect()
+            .map(|(id, at)| (self.published[id], *at))
+            .collect();
+        samples.sort();
+        samples
     }
 
     fn figures(&self) -> Figures {
+        let samples = self.samples();
         Figures {
             max_in_flight: self.max_in_flight,
             ..figures(
-                self.latencies(),
-                self.done.values().copied().collect(),
+                samples
+                    .iter()
+                    .map(|(p, at)| at.saturating_sub(*p))
+                    .collect(),
+                samples.iter().map(|(_, at)| *at).collect(),
                 self.topped_up,
             )
         }

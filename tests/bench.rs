@@ -145,6 +145,46 @@ async fn with_queued_the_daemon_and_the_floor_keep_that_many_requests_in_flight(
     }
     assert!(report["sustained_ratio"].as_f64().expect("ratio") > 0.0);
 
+    // With --no-floor the daemon alone keeps the depth (how the
+    // 10,000-against-500 target is measured).
+    let alone = env.cli(
+        "oma-bq",
+        &[
+            "bench",
+            "--requests",
+            "40",
+            "--volumes",
+            "20",
+            "--workers",
+            "4",
+            "--queued",
+            "10",
+            "--no-floor",
+            "--json",
+        ],
+    );
+    assert!(
+        alone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    let report: Value = serde_json::from_slice(&alone.stdout).expect("JSON report");
+    assert!(report["floor"].is_null(), "no floor with --no-floor");
+    assert_eq!(report["daemon"]["requests"], 40);
+    let most = report["daemon"]["max_in_flight"]
+        .as_u64()
+        .expect("max in flight");
+    assert!(
+        (1..=10).contains(&most),
+        "never more than 10 in flight: {most}"
+    );
+    assert!(
+        report["daemon"]["sustained_per_s"]
+            .as_f64()
+            .expect("sustained")
+            > 0.0
+    );
+
     // A depth the run is too short to hold is refused before anything
     // starts.
     let refused = env.cli("oma-bq", &["bench", "--requests", "15", "--queued", "10"]);
