@@ -105,12 +105,10 @@ async fn the_benchmark_reports_the_daemon_against_the_floor_and_plots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_queued_the_daemon_and_the_floor_keep_that_many_requests_in_flight() {
     let env = Env::new("bench_queued").await;
-    let out = env.cli(
-        "oma-bq",
-        &[
+    // A run with 10 kept in flight; `more` adds to the arguments.
+    let queued = |more: &[&str]| -> Value {
+        let mut args = vec![
             "bench",
-            "--requests",
-            "60",
             "--volumes",
             "20",
             "--workers",
@@ -118,14 +116,17 @@ async fn with_queued_the_daemon_and_the_floor_keep_that_many_requests_in_flight(
             "--queued",
             "10",
             "--json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        ];
+        args.extend_from_slice(more);
+        let out = env.cli("oma-bq", &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON report")
+    };
+    let report = queued(&["--requests", "60"]);
     assert_eq!(report["failed_events"], 0);
     assert_eq!(report["queued"], 10);
     // Both pipelines are fed the same way: 60 requests, never more than
@@ -147,28 +148,7 @@ async fn with_queued_the_daemon_and_the_floor_keep_that_many_requests_in_flight(
 
     // With --no-floor the daemon alone keeps the depth (how the
     // 10,000-against-500 target is measured).
-    let alone = env.cli(
-        "oma-bq",
-        &[
-            "bench",
-            "--requests",
-            "40",
-            "--volumes",
-            "20",
-            "--workers",
-            "4",
-            "--queued",
-            "10",
-            "--no-floor",
-            "--json",
-        ],
-    );
-    assert!(
-        alone.status.success(),
-        "{}",
-        String::from_utf8_lossy(&alone.stderr)
-    );
-    let report: Value = serde_json::from_slice(&alone.stdout).expect("JSON report");
+    let report = queued(&["--requests", "40", "--no-floor"]);
     assert!(report["floor"].is_null(), "no floor with --no-floor");
     assert_eq!(report["daemon"]["requests"], 40);
     let most = report["daemon"]["max_in_flight"]
